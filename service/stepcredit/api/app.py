@@ -1,0 +1,224 @@
+"""FastAPI app factory: routes are thin, errors map to status codes in one place.
+
+`create_app(settings, scorer=None)` builds the app. Without a scorer the model
+loads in the background after start-up, so /health answers at once and /ready
+turns 200 when the model is loaded and warmed. Tests inject a scorer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import secrets
+import signal
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from ..backends import BackendDeadError, build_backend
+from ..config import Settings
+from ..engine import Scorer
+from ..protocol import LimitError, ModelInfo, ScoreRequest, ScoreResponse, check_limits
+from .metrics import Metrics
+
+__all__ = ["create_app"]
+
+log = logging.getLogger(__name__)
+
+
+def _error(status: int, code: str, message: str, headers: dict | None = None, **extra) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message, **extra}}, status, headers=headers)
+
+
+class _Guard:
+    """ASGI middleware: bounds the body size (413) and counts requests by route and status."""
+
+    def __init__(self, app, max_bytes: int, metrics: Metrics) -> None:
+        self.app, self.max_bytes, self.metrics = app, max_bytes, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = {"code": 500}
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            declared = int(dict(scope["headers"]).get(b"content-length", b"0"))
+        except ValueError:
+            declared = 0
+        if declared > self.max_bytes:
+            response = _error(413, "body_too_large", f"body is {declared} bytes, limit {self.max_bytes}")
+            await response(scope, receive, counting_send)
+        else:
+            # Read the whole body under the limit, then replay it to the app.
+            chunks, size, more = [], 0, scope["method"] in ("POST", "PUT", "PATCH")
+            while more:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > self.max_bytes:
+                    response = _error(413, "body_too_large", f"body exceeds {self.max_bytes} bytes")
+                    await response(scope, receive, counting_send)
+                    break
+                chunks.append(chunk)
+                more = message.get("more_body", False)
+            else:
+                body = b"".join(chunks)
+                replayed = False
+
+                async def replay():
+                    nonlocal replayed
+                    if not replayed:
+                        replayed = True
+                        return {"type": "http.request", "body": body, "more_body": False}
+                    return await receive()
+
+                await self.app(scope, replay, counting_send)
+        self.metrics.requests.labels(scope["path"], str(status["code"])).inc()
+
+
+def create_app(settings: Settings | None = None, scorer: Scorer | None = None) -> FastAPI:
+    settings = settings or Settings()
+    limits = settings.limits()
+    metrics = Metrics()
+    state: dict = {"scorer": scorer, "error": None}
+
+    async def load() -> None:
+        try:
+            current = state["scorer"]
+            if current is None:
+                backend = await asyncio.to_thread(build_backend, settings)
+                current = Scorer(backend, settings)
+                state["scorer"] = current
+            if not current.ready:
+                await current.start()
+            metrics.ready.set(1)
+            metrics.queue_depth.set_function(lambda: current.queue_depth)
+            log.info("ready: %s", current.backend.info.model_dump_json())
+        except Exception as exc:  # the orchestrator restarts a process that cannot load
+            log.exception("model failed to load")
+            state["error"] = f"{type(exc).__name__}: {exc}"
+            if scorer is None:
+                signal.raise_signal(signal.SIGTERM)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loader = asyncio.create_task(load())
+        yield
+        loader.cancel()
+        metrics.ready.set(0)
+        if scorer is None and state["scorer"] is not None:
+            await state["scorer"].close()
+
+    app = FastAPI(
+        title="StepCredit",
+        version="0.1.0",
+        description="Process (MIG) and outcome rewards for RL on multi-step reasoning.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.load_state = state
+
+    def ready_scorer() -> Scorer:
+        current = state["scorer"]
+        if current is None or not current.ready:
+            raise _NotReady()
+        return current
+
+    async def authorize(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(
+            token.encode(), settings.api_key.get_secret_value().encode()
+        ):
+            raise _Unauthorized()
+
+    @app.exception_handler(_NotReady)
+    async def _not_ready(request: Request, exc: _NotReady) -> JSONResponse:
+        message = state["error"] or "the model is loading"
+        return _error(503, "not_ready", message, headers={"Retry-After": "5"})
+
+    @app.exception_handler(_Unauthorized)
+    async def _unauthorized(request: Request, exc: _Unauthorized) -> JSONResponse:
+        return _error(401, "unauthorized", "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    @app.exception_handler(LimitError)
+    async def _limit(request: Request, exc: LimitError) -> JSONResponse:
+        return _error(exc.status, "limit_exceeded", str(exc), field=exc.field)
+
+    @app.exception_handler(BackendDeadError)
+    async def _dead(request: Request, exc: BackendDeadError) -> JSONResponse:
+        log.error("backend dead, shutting down: %s", exc)
+        state["error"] = f"backend dead: {exc}"
+        metrics.ready.set(0)
+        if state["scorer"] is not None:
+            state["scorer"].ready = False
+        signal.raise_signal(signal.SIGTERM)
+        return _error(503, "backend_dead", str(exc))
+
+    @app.post("/v1/score", response_model=ScoreResponse, dependencies=[Depends(authorize)])
+    async def score(request: ScoreRequest) -> ScoreResponse:
+        """Score a batch of items: MIG per step, outcome, gates and spans (SPEC section 7)."""
+        current = ready_scorer()
+        check_limits(request, limits)
+        started = time.perf_counter()
+        batch = await current.score(request.items, request.options)
+        metrics.request_latency.observe(time.perf_counter() - started)
+        if "backend_s" in batch.timings:
+            metrics.backend_latency.observe(batch.timings["backend_s"])
+        metrics.probe_tokens.inc(batch.usage.tokens_forwarded)
+        metrics.probes.inc(batch.usage.probes)
+        for result in batch.results:
+            metrics.items.labels(result.status).inc()
+            if result.error is not None:
+                metrics.item_errors.labels(result.error.code).inc()
+        return ScoreResponse(results=batch.results, model=current.backend.info, usage=batch.usage)
+
+    @app.get("/v1/model", response_model=ModelInfo, dependencies=[Depends(authorize)])
+    async def model() -> ModelInfo:
+        """The scoring model and how it runs."""
+        return ready_scorer().backend.info
+
+    @app.get("/health")
+    async def health() -> dict:
+        """The process is alive (the model may still be loading)."""
+        return {"status": "ok", "pid": os.getpid()}
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        """200 once the model is loaded and warmed; 503 before, or after a fatal error."""
+        current = state["scorer"]
+        if current is not None and current.ready:
+            return JSONResponse({"status": "ready", "model": json.loads(current.backend.info.model_dump_json())})
+        status = "failed" if state["error"] else "loading"
+        return JSONResponse({"status": status, "error": state["error"]}, 503)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        """Prometheus text exposition."""
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_middleware(_Guard, max_bytes=limits.max_request_bytes, metrics=metrics)
+    return app
+
+
+class _NotReady(Exception):
+    pass
+
+
+class _Unauthorized(Exception):
+    pass

@@ -1,0 +1,35 @@
+"""Prometheus metrics, one registry per app so tests can build many apps."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["Metrics"]
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "stepcredit_requests", "HTTP requests by route and status", ["route", "status"], registry=r
+        )
+        self.items = Counter("stepcredit_items", "Scored items by outcome status", ["status"], registry=r)
+        self.item_errors = Counter("stepcredit_item_errors", "Per-item errors by code", ["code"], registry=r)
+        self.request_latency = Histogram(
+            "stepcredit_request_latency_seconds", "Latency of /v1/score", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.backend_latency = Histogram(
+            "stepcredit_backend_latency_seconds",
+            "Time in the likelihood backend per batch",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.probe_tokens = Counter(
+            "stepcredit_probe_tokens", "Tokens forwarded through the model", registry=r
+        )
+        self.probes = Counter("stepcredit_probes", "Prefix probes run", registry=r)
+        self.queue_depth = Gauge("stepcredit_queue_depth", "Batches waiting for the backend", registry=r)
+        self.ready = Gauge("stepcredit_ready", "1 when the model is loaded and warmed", registry=r)

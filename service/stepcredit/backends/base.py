@@ -1,0 +1,47 @@
+"""The engine contract every likelihood backend implements."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from ..probes import TrajectoryProbes
+from ..protocol import ModelInfo
+
+__all__ = ["Backend", "BatchLogliks", "BackendError", "BackendDeadError"]
+
+
+class BackendError(RuntimeError):
+    """One batch failed (recoverable): its items get a per-item error."""
+
+
+class BackendDeadError(RuntimeError):
+    """The backend cannot serve any more: readiness goes false, the process should exit."""
+
+
+@dataclass
+class BatchLogliks:
+    """Per trajectory either `logliks[k][v]` (mean log-prob of reference v after probe k)
+    or the exception that prevented it."""
+
+    results: list[list[list[float]] | Exception]
+    tokens_forwarded: int = 0
+    forward_passes: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class Backend(ABC):
+    info: ModelInfo
+    tokenizer: object
+    """The scorer's HF tokenizer: probes are built with it, in the service."""
+
+    @abstractmethod
+    async def loglikelihoods(self, batch: Sequence[TrajectoryProbes]) -> BatchLogliks:
+        """ℓ_k(v) for every probe k and reference v of every trajectory."""
+
+    def check_health(self) -> None:
+        """Raise BackendDeadError when the backend can no longer serve."""
+
+    def shutdown(self) -> None:
+        """Release the model and any worker."""

@@ -1,0 +1,167 @@
+"""`stepcredit serve | score | prepare-model`.
+
+Flags override `STEPCREDIT_*` environment variables, which override defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+__all__ = ["main"]
+
+
+def _model_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", choices=["hf"], help="likelihood backend (default: hf)")
+    parser.add_argument("--strategy", choices=["packed", "per-prefix"], help="probe strategy (default: packed)")
+    parser.add_argument("--model", help="local HF causal-LM folder (default: embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: auto)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: float32")
+    parser.add_argument("--cache-dir", type=Path, help="where the default model is converted once")
+
+
+def _settings(args: argparse.Namespace):
+    from .config import Settings
+
+    names = ("backend", "strategy", "model", "device", "dtype", "cache_dir", "host", "port", "log_level")
+    overrides = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    return Settings(**overrides)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .api import create_app
+
+    settings = _settings(args)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    base = f"http://{settings.host}:{settings.port}"
+    auth = ' -H "Authorization: Bearer $STEPCREDIT_API_KEY"' if settings.api_key else ""
+    print(
+        f"StepCredit on {base} (model loads in the background; {base}/ready says when).\n"
+        f"Score a completion:\n"
+        f"  curl -s {base}/v1/score -H 'Content-Type: application/json'{auth} -d '"
+        '{"items": [{"prompt": "What is 2+3?", "completion": "<think>\\n2+3 = 5\\n</think>\\n'
+        '<answer>5</answer>", "references": ["5"]}]}\'\n'
+        f"API docs: {base}/docs   metrics: {base}/metrics",
+        flush=True,
+    )
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    error = app.state.load_state["error"]
+    if error:
+        print(f"stepcredit: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _parse_line(line: str, number: int, limits):
+    from .protocol import LimitError, ScoreItem, ScoreResult, check_item
+
+    try:
+        item = ScoreItem.model_validate_json(line)
+        check_item(item, limits, f"line {number}")
+        return item
+    except ValidationError as exc:
+        try:
+            item_id = json.loads(line).get("id")
+        except (ValueError, AttributeError):
+            item_id = None
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "item"
+        return ScoreResult.failure(item_id if isinstance(item_id, str) else None, "invalid_item", f"{where}: {first['msg']}")
+    except LimitError as exc:
+        return ScoreResult.failure(item.id, "limit_exceeded", str(exc))
+
+
+async def _score_file(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .backends import build_backend
+    from .engine import Scorer
+    from .protocol import ScoreResult, Usage
+
+    settings = _settings(args)
+    lines = [ln for ln in Path(args.input).read_text(encoding="utf-8").splitlines() if ln.strip()]
+    backend = await asyncio.to_thread(build_backend, settings)
+    scorer = Scorer(backend, settings)
+    await asyncio.to_thread(scorer.verifier.start)
+    usage = Usage()
+    limits = settings.limits()
+    try:
+        with open(args.output, "w", encoding="utf-8") as out, tqdm(
+            total=len(lines), unit="item", disable=args.quiet
+        ) as bar:
+            for start in range(0, len(lines), args.batch_size):
+                chunk = lines[start : start + args.batch_size]
+                parsed = [_parse_line(ln, start + i + 1, limits) for i, ln in enumerate(chunk)]
+                items = [p for p in parsed if not isinstance(p, ScoreResult)]
+                batch = await scorer.score(items) if items else None
+                scored = iter(batch.results if batch else [])
+                for p in parsed:
+                    result = p if isinstance(p, ScoreResult) else next(scored)
+                    out.write(result.model_dump_json() + "\n")
+                    usage.items += 1
+                    usage.items_ok += result.status == "ok"
+                if batch:
+                    usage.probes += batch.usage.probes
+                    usage.reference_probes += batch.usage.reference_probes
+                    usage.tokens_forwarded += batch.usage.tokens_forwarded
+                    usage.forward_passes += batch.usage.forward_passes
+                bar.update(len(parsed))
+    finally:
+        await scorer.close()
+    usage.items_error = usage.items - usage.items_ok
+    print(json.dumps({"output": str(args.output), "model": backend.info.name, **usage.model_dump()}), file=sys.stderr)
+    return 0
+
+
+def _prepare_model(args: argparse.Namespace) -> int:
+    from .config import Settings
+    from .models import ensure_default_model
+
+    cache_dir = args.cache_dir or Settings().cache_dir
+    print(ensure_default_model(cache_dir))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="stepcredit", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the HTTP service")
+    _model_flags(serve)
+    serve.add_argument("--host", help="default: 127.0.0.1")
+    serve.add_argument("--port", type=int, help="default: 8000")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+    score = sub.add_parser("score", help="score a JSONL file offline, one result line per item, same order")
+    score.add_argument("input", type=Path, help="JSONL, one item (SPEC section 1) per line")
+    score.add_argument("-o", "--output", type=Path, required=True, help="JSONL of results")
+    score.add_argument("--batch-size", type=int, default=32, help="items per scoring batch (default: 32)")
+    score.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _model_flags(score)
+
+    prepare = sub.add_parser("prepare-model", help="convert the embedded default model once and print its folder")
+    prepare.add_argument("--cache-dir", type=Path)
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "score":
+            return asyncio.run(_score_file(args))
+        return _prepare_model(args)
+    except ValidationError as exc:
+        print(f"stepcredit: invalid configuration:\n{exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""One Settings object for the service and the CLI.
+
+Every field can be set from the environment with the ``STEPCREDIT_`` prefix
+(``STEPCREDIT_PORT=9000``) and is overridden by the matching CLI flag.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings", "Limits", "default_cache_dir"]
+
+
+def default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "stepcredit"
+
+
+class Limits(BaseSettings):
+    """Bounds on every input, checked before any work is done."""
+
+    model_config = SettingsConfigDict(env_prefix="STEPCREDIT_", extra="ignore")
+
+    max_request_bytes: int = Field(16 * 1024 * 1024, ge=1024, le=1 << 30)
+    """Largest accepted HTTP body; larger bodies get 413."""
+    max_items_per_request: int = Field(512, ge=1, le=100_000)
+    """Most items in one /v1/score request; more get 413."""
+    max_chars_per_item: int = Field(64_000, ge=100, le=2_000_000)
+    """Most characters in prompt (or rendered messages) plus completion; more get 422."""
+    max_references_per_item: int = Field(16, ge=1, le=256)
+    """Most answer variants per item; more get 422."""
+    max_reference_chars: int = Field(2_000, ge=1, le=100_000)
+    """Longest single reference string; longer get 422."""
+    max_steps_limit: int = Field(256, ge=1, le=4096)
+    """Largest `max_steps` an item may ask for; larger get 422."""
+    max_token_ids: int = Field(32_768, ge=16, le=1_000_000)
+    """Longest `completion_token_ids`; longer get 422."""
+    max_pattern_chars: int = Field(500, ge=10, le=10_000)
+    """Longest user-given regex for the `regex` format; longer get 422."""
+
+
+class Settings(Limits):
+    """Service configuration. Each field's docstring is its documentation."""
+
+    model_config = SettingsConfigDict(env_prefix="STEPCREDIT_", extra="ignore")
+
+    # --- serving
+    host: str = "127.0.0.1"
+    """Interface to bind."""
+    port: int = Field(8000, ge=1, le=65535)
+    """TCP port to bind."""
+    api_key: SecretStr | None = None
+    """When set, /v1/* requires `Authorization: Bearer <api_key>`."""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """Log level of the service and uvicorn."""
+
+    # --- model and backend
+    backend: Literal["hf"] = "hf"
+    """Likelihood backend. `hf`: PyTorch/transformers in this process."""
+    strategy: Literal["packed", "per-prefix"] = "packed"
+    """`packed`: all probes of a trajectory in one forward pass under a tree mask;
+    `per-prefix`: one padded sequence per (probe, reference), the simple reference."""
+    model: str | None = None
+    """Local HF causal-LM folder; unset means the embedded SmolLM2-135M-Instruct."""
+    device: str = "auto"
+    """`cpu`, `cuda`, `cuda:N` or `auto` (CUDA when available)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weights and activations dtype; log-softmax always runs in float32."""
+    cache_dir: Path = Field(default_factory=default_cache_dir)
+    """Where the embedded model is converted to a plain HF folder once."""
+    max_batch_tokens: int = Field(4096, ge=64, le=1 << 20)
+    """Token budget of one forward pass (all rows, padding included)."""
+    max_logit_rows: int = Field(2048, ge=16, le=1 << 20)
+    """Most positions whose full-vocabulary logits one forward pass materializes."""
+    max_batch_rows: int = Field(64, ge=1, le=4096)
+    """Most sequences (rows) in one forward pass."""
+
+    # --- verification
+    verify_workers: int = Field(2, ge=1, le=64)
+    """Math-Verify worker processes."""
+    verify_timeout_s: float = Field(5.0, gt=0, le=120)
+    """Hard timeout per item for answer verification (default of the item option)."""
+    verify_memory_mb: int = Field(2048, ge=256, le=65536)
+    """Address-space limit of each verify worker."""
+
+    # --- scoring defaults (each can be overridden per request and per item)
+    default_format: Literal["think_answer", "boxed", "regex"] = "think_answer"
+    """Structure format when the item does not name one."""
+    default_step_split: Literal["auto", "lines", "paragraphs", "markers"] = "auto"
+    """Step split mode when the item does not name one."""
+    default_max_steps: int = Field(64, ge=1, le=4096)
+    """Steps beyond this are merged into the last one."""
+    default_acc_weight: float = Field(1.0, ge=-1e6, le=1e6)
+    """Weight of correctness in outcome_reward."""
+    default_format_weight: float = Field(0.0, ge=-1e6, le=1e6)
+    """Weight of format_ok in outcome_reward."""
+
+    def limits(self) -> Limits:
+        return Limits(**{name: getattr(self, name) for name in Limits.model_fields})
