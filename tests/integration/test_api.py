@@ -1,0 +1,245 @@
+"""The HTTP API on a real (tiny, random) Llama through an ASGI client."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import SecretStr
+
+from stepcredit.api import create_app
+from stepcredit.config import Settings
+
+from .conftest import asgi_client
+
+GOOD = {
+    "id": "good",
+    "prompt": "<|im_start|>user\nWhat is 2+3?<|im_end|>\n<|im_start|>assistant\n",
+    "completion": "<think>\nWe add 2 and 3.\n2 + 3 = 5\nSo it is 5.\n</think>\n<answer>5</answer>",
+    "references": ["5", "5.0"],
+}
+RESULT_FIELDS = {
+    "id", "status", "error", "format_ok", "correct", "verify_timeout", "extracted_answer",
+    "matched_reference", "outcome_reward", "mig_reward", "baseline_loglik", "format_gate",
+    "correctness_gate", "sft_gate", "cot_span", "tokenization", "steps_truncated", "steps",
+}  # fmt: skip
+STEP_FIELDS = {
+    "index", "char_start", "char_end", "token_start", "token_end", "loglik", "best_reference", "watermark", "gain"
+}  # fmt: skip
+
+
+async def score(client, *items, options=None, expect=200):
+    body = {"items": list(items)}
+    if options is not None:
+        body["options"] = options
+    response = await client.post("/v1/score", json=body)
+    assert response.status_code == expect, response.text
+    return response.json()
+
+
+async def test_score_returns_every_spec_field_for_a_well_formed_item(client):
+    body = await score(client, GOOD)
+    (result,) = body["results"]
+    assert set(result) == RESULT_FIELDS
+    assert result["status"] == "ok" and result["error"] is None
+    assert result["format_ok"] and result["correct"] and result["sft_gate"]
+    assert result["extracted_answer"] == "5" and result["matched_reference"] == 0
+    assert result["outcome_reward"] == 1.0 and result["tokenization"] == "text"
+    steps = result["steps"]
+    assert [GOOD["completion"][s["char_start"] : s["char_end"]] for s in steps] == [
+        "We add 2 and 3.",
+        "2 + 3 = 5",
+        "So it is 5.",
+    ]
+    assert all(set(s) == STEP_FIELDS and s["token_start"] is None for s in steps)
+    assert result["mig_reward"] == pytest.approx(sum(s["gain"] for s in steps))
+    assert result["mig_reward"] == pytest.approx(max(0.0, steps[-1]["watermark"] - result["baseline_loglik"]))
+    start, end = result["cot_span"]
+    assert GOOD["completion"][start:end].strip().startswith("We add")
+    assert body["model"]["backend"] == "hf" and body["model"]["strategy"] == "packed"
+    usage = body["usage"]
+    assert usage["items"] == 1 and usage["items_ok"] == 1
+    assert usage["probes"] == 4 and usage["reference_probes"] == 8 and usage["tokens_forwarded"] > 0
+
+
+async def test_same_request_twice_gives_identical_output(client):
+    items = [GOOD, {**GOOD, "id": "b", "completion": GOOD["completion"].replace("5</answer>", "6</answer>")}]
+    first = await score(client, *items)
+    second = await score(client, *items)
+    assert first["results"] == second["results"]
+
+
+async def test_wrong_answer_is_scored_but_gated_out(client):
+    (result,) = (await score(client, {**GOOD, "completion": GOOD["completion"].replace("<answer>5", "<answer>7")}))[
+        "results"
+    ]
+    assert result["status"] == "ok" and not result["correct"] and not result["sft_gate"]
+    assert result["matched_reference"] is None and result["outcome_reward"] == 0.0
+
+
+async def test_weights_from_request_and_item_options_compose(client):
+    bad_format = {**GOOD, "completion": "oops " + GOOD["completion"]}
+    body = await score(
+        client,
+        bad_format,
+        {**GOOD, "id": "w", "options": {"acc_weight": 2.0}},
+        options={"format_weight": 0.5},
+    )
+    first, second = body["results"]
+    assert not first["format_ok"] and first["correct"] and first["outcome_reward"] == 1.0
+    assert second["outcome_reward"] == 2.5  # 2.0 * correct + 0.5 * format_ok
+
+
+async def test_messages_are_rendered_with_the_scorers_chat_template(client, tokenizer):
+    messages = [{"role": "user", "content": "What is 2+3?"}]
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    with_messages = {k: v for k, v in GOOD.items() if k != "prompt"} | {"messages": messages}
+    a, b = (await score(client, with_messages, {**GOOD, "prompt": prompt}))["results"]
+    assert a["steps"] == b["steps"] and a["baseline_loglik"] == b["baseline_loglik"]
+
+
+async def test_token_ids_path_reports_token_spans_and_matches_the_text_path(client, tokenizer):
+    ids = tokenizer(GOOD["completion"], add_special_tokens=False)["input_ids"]
+    text_result, ids_result = (await score(client, GOOD, {**GOOD, "completion_token_ids": ids}))["results"]
+    assert ids_result["tokenization"] == "ids"
+    for text_step, step in zip(text_result["steps"], ids_result["steps"]):
+        covered = tokenizer.decode(ids[step["token_start"] : step["token_end"]])
+        assert GOOD["completion"][step["char_start"] : step["char_end"]] in covered
+        # SmolLM2's tokenizer splits at these cuts, so both paths see the same tokens.
+        assert step["loglik"] == pytest.approx(text_step["loglik"], abs=1e-5)
+
+
+async def test_bad_items_get_errors_while_the_rest_of_the_batch_is_scored(client, tokenizer):
+    ids = tokenizer(GOOD["completion"], add_special_tokens=False)["input_ids"]
+    items = [
+        {**GOOD, "id": "mismatch", "completion_token_ids": ids[:-1]},
+        {**GOOD, "id": "oov", "completion_token_ids": [*ids[:-1], 10**9]},
+        {**GOOD, "id": "regex-no-prefix", "options": {"format": "regex", "cot_pattern": "(a)", "answer_pattern": "(b)"}},
+        {**GOOD, "id": "regex-no-group", "options": {"format": "regex", "cot_pattern": "a", "answer_pattern": "(b)", "probe_prefix": "x"}},
+        {**GOOD, "id": "too-long", "completion": "<think>\n" + "word " * 5000 + "\n</think><answer>5</answer>"},
+        GOOD,
+    ]
+    results = (await score(client, *items))["results"]
+    codes = [r["error"]["code"] if r["error"] else None for r in results]
+    assert codes == [
+        "token_ids_mismatch",
+        "invalid_token_ids",
+        "invalid_options",
+        "invalid_options",
+        "context_too_long",
+        None,
+    ]
+    for r in results[:-1]:
+        assert r["status"] == "error" and r["mig_reward"] is None and r["outcome_reward"] is None
+    assert results[-1]["status"] == "ok"
+
+
+async def test_no_think_block_runs_no_probes(client):
+    (result,) = (await score(client, {**GOOD, "completion": "<answer>5</answer>"}))["results"]
+    assert result["cot_span"] is None and result["steps"] == [] and result["baseline_loglik"] is None
+    assert result["mig_reward"] == 0.0 and result["correct"] and not result["format_ok"]
+
+
+async def test_blank_cot_gives_baseline_but_no_steps(client):
+    (result,) = (await score(client, {**GOOD, "completion": "<think> \n </think><answer>5</answer>"}))["results"]
+    assert result["steps"] == [] and result["baseline_loglik"] is not None and result["mig_reward"] == 0.0
+
+
+async def test_pathological_answer_times_out_verification_without_failing_the_item(client):
+    item = {**GOOD, "completion": "<think>\nhuge\n</think><answer>10^{10^{10^{10}}}</answer>", "options": {"verify_timeout_s": 1.0}}
+    (result,) = (await score(client, item))["results"]
+    assert result["status"] == "ok" and result["verify_timeout"] and not result["correct"]
+
+
+@pytest.mark.parametrize(
+    "body,field",
+    [
+        ({"items": [{"prompt": "p", "references": ["1"]}]}, "completion"),
+        ({"items": [{"completion": "c", "references": ["1"]}]}, "items"),
+        ({"items": [{"prompt": "p", "messages": [{"role": "user", "content": "x"}], "completion": "c", "references": ["1"]}]}, "items"),
+        ({"items": [{"prompt": "p", "completion": "c", "references": []}]}, "references"),
+        ({"items": [{"prompt": "p", "completion": "c", "references": ["  "]}]}, "items"),
+        ({"items": [{"prompt": "p", "completion": "c", "references": ["1"], "bogus": 1}]}, "bogus"),
+        ({"items": [{"prompt": "p", "completion": "c", "references": ["1"], "options": {"step_split": "words"}}]}, "step_split"),
+        ({"items": []}, "items"),
+        ({"items": "nope"}, "items"),
+    ],
+)
+async def test_malformed_request_is_422_naming_the_field(client, body, field):
+    response = await client.post("/v1/score", json=body)
+    assert response.status_code == 422
+    assert field in response.text
+
+
+async def test_non_json_body_is_422(client):
+    response = await client.post("/v1/score", content=b"{not json", headers={"content-type": "application/json"})
+    assert response.status_code == 422
+
+
+@pytest.mark.parametrize(
+    "limits,item,status,field",
+    [
+        ({"max_items_per_request": 2}, None, 413, "items"),
+        ({"max_chars_per_item": 100}, {**GOOD, "completion": "x" * 200}, 422, "items[0]"),
+        ({"max_references_per_item": 1}, GOOD, 422, "items[0].references"),
+        ({"max_reference_chars": 3}, {**GOOD, "references": ["12345"]}, 422, "items[0].references[0]"),
+        ({"max_steps_limit": 10}, {**GOOD, "options": {"max_steps": 11}}, 422, "items[0].options.max_steps"),
+        ({"max_token_ids": 16}, {**GOOD, "completion_token_ids": list(range(17))}, 422, "items[0].completion_token_ids"),
+    ],
+)
+async def test_limits_answer_413_or_422_naming_the_field(tiny_scorer, settings, limits, item, status, field):
+    app = create_app(settings.model_copy(update=limits), scorer=tiny_scorer)
+    items = [GOOD] * 3 if item is None else [item]
+    async with asgi_client(app) as c:
+        response = await c.post("/v1/score", json={"items": items})
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert error["code"] == "limit_exceeded" and error["field"] == field
+
+
+async def test_body_over_the_byte_limit_is_413(tiny_scorer, settings):
+    app = create_app(settings.model_copy(update={"max_request_bytes": 2048}), scorer=tiny_scorer)
+    async with asgi_client(app) as c:
+        response = await c.post("/v1/score", json={"items": [{**GOOD, "completion": "x" * 4000}]})
+    assert response.status_code == 413 and response.json()["error"]["code"] == "body_too_large"
+
+
+async def test_bearer_token_is_required_when_an_api_key_is_set(tiny_scorer, settings):
+    app = create_app(settings.model_copy(update={"api_key": SecretStr("s3cret")}), scorer=tiny_scorer)
+    async with asgi_client(app) as c:
+        assert (await c.post("/v1/score", json={"items": [GOOD]})).status_code == 401
+        wrong = {"Authorization": "Bearer nope"}
+        assert (await c.post("/v1/score", json={"items": [GOOD]}, headers=wrong)).status_code == 401
+        right = {"Authorization": "Bearer s3cret"}
+        assert (await c.post("/v1/score", json={"items": [GOOD]}, headers=right)).status_code == 200
+        assert (await c.get("/v1/model")).status_code == 401
+        assert (await c.get("/health")).status_code == 200  # probes stay open for orchestrators
+
+
+async def test_health_ready_model_and_docs(client):
+    assert (await client.get("/health")).json()["status"] == "ok"
+    ready = await client.get("/ready")
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
+    model = (await client.get("/v1/model")).json()
+    assert model["vocab_size"] > 0 and model["device"] == "cpu"
+    assert "/v1/score" in (await client.get("/openapi.json")).json()["paths"]
+    assert (await client.get("/docs")).status_code == 200
+
+
+async def test_not_ready_scorer_answers_503_with_retry_after(tiny_model_path, settings, verifier):
+    from stepcredit.backends.hf import HFBackend
+    from stepcredit.engine import Scorer
+
+    cold = Scorer(HFBackend(tiny_model_path, device="cpu"), settings, verifier=verifier)
+    async with asgi_client(create_app(settings, scorer=cold)) as c:
+        assert (await c.get("/ready")).status_code == 503
+        response = await c.post("/v1/score", json={"items": [GOOD]})
+        assert response.status_code == 503 and response.headers["retry-after"]
+
+
+async def test_metrics_count_requests_items_errors_and_tokens(client):
+    await score(client, GOOD, {**GOOD, "id": "x", "completion_token_ids": [1, 2]})
+    text = (await client.get("/metrics")).text
+    assert 'stepcredit_requests_total{route="/v1/score",status="200"}' in text
+    assert 'stepcredit_items_total{status="ok"} 1.0' in text
+    assert 'stepcredit_item_errors_total{code="token_ids_mismatch"} 1.0' in text
+    assert "stepcredit_probe_tokens_total" in text and "stepcredit_queue_depth" in text
+    assert "stepcredit_request_latency_seconds_bucket" in text

@@ -1,0 +1,83 @@
+"""`packed` (one pass per trajectory under a tree mask) must equal `per-prefix`
+(one padded sequence per probe and reference) within 1e-4 in float32 (SPEC 8)."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.workload import varied_items
+from stepcredit.backends.hf import HFBackend
+from stepcredit.engine import Scorer
+from stepcredit.protocol import ScoreItem
+
+TOL = 1e-4
+
+
+async def score_both(model_path, settings, verifier, items, **packed_kwargs):
+    results = {}
+    for strategy in ("packed", "per-prefix"):
+        kwargs = packed_kwargs if strategy == "packed" else {}
+        backend = HFBackend(model_path, device="cpu", dtype="float32", strategy=strategy, **kwargs)
+        try:
+            batch = await Scorer(backend, settings, verifier=verifier).score([ScoreItem(**i) for i in items])
+        finally:
+            backend.shutdown()
+        results[strategy] = batch
+    return results["packed"], results["per-prefix"]
+
+
+def assert_same(packed, reference):
+    assert len(packed.results) == len(reference.results)
+    for a, b in zip(packed.results, reference.results):
+        assert a.status == b.status == "ok", (a.id, a.error, b.error)
+        assert [(s.char_start, s.char_end) for s in a.steps] == [(s.char_start, s.char_end) for s in b.steps]
+        if b.baseline_loglik is None:
+            assert a.baseline_loglik is None
+            continue
+        assert a.baseline_loglik == pytest.approx(b.baseline_loglik, abs=TOL), a.id
+        for sa, sb in zip(a.steps, b.steps):
+            assert sa.loglik == pytest.approx(sb.loglik, abs=TOL), (a.id, sa.index)
+        assert a.mig_reward == pytest.approx(b.mig_reward, abs=TOL), a.id
+
+
+@pytest.mark.slow
+async def test_packed_equals_per_prefix_on_smollm2_over_a_varied_set(smol_path, settings, verifier):
+    items = varied_items(seed=7)
+    packed, reference = await score_both(smol_path, settings, verifier, items)
+    assert_same(packed, reference)
+    by_id = {r.id: r for r in packed.results}
+    assert len(by_id["long-34"].steps) == 34 and len(by_id["long-31-wrong"].steps) == 31
+    assert by_id["max-steps-5"].steps_truncated and len(by_id["max-steps-5"].steps) == 5
+    # The point of packing: far fewer tokens through the model.
+    assert packed.usage.tokens_forwarded * 4 < reference.usage.tokens_forwarded
+
+
+MERGING = {
+    # The probe prefix merges with the step's last token ("hel" + "lo" -> "hello"),
+    # so probes branch off the trunk before the step end.
+    "prompt": "Say it:",
+    "completion": "<think>\nhel\nwor\n</think><answer>hello world</answer>",
+    "references": ["hello world", "hi"],
+    "options": {"probe_prefix": "lo", "step_split": "lines"},
+}
+NO_PREFIX = {
+    # With an empty probe prefix the first reference token is predicted from the trunk itself.
+    "prompt": "Count: one two",
+    "completion": "<think>\nthree\nfour\nfive\n</think><answer>six</answer>",
+    "references": [" six", " seven"],
+    "options": {"probe_prefix": ""},
+}
+
+
+async def test_packed_branches_off_where_tokenization_merges_across_the_cut(tiny_model_path, settings, verifier):
+    packed, reference = await score_both(tiny_model_path, settings, verifier, [MERGING, NO_PREFIX])
+    assert_same(packed, reference)
+
+
+async def test_packed_splits_trajectories_over_small_token_budgets(tiny_model_path, settings, verifier):
+    items = varied_items(seed=3)
+    packed, reference = await score_both(
+        tiny_model_path, settings, verifier, items, max_batch_tokens=64, max_logit_rows=16, max_batch_rows=2
+    )
+    assert_same(packed, reference)
+    assert packed.usage.forward_passes > len(items)
