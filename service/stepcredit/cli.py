@@ -41,7 +41,13 @@ def _serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(settings)
+    server: uvicorn.Server | None = None
+
+    def stop() -> None:  # a model that cannot load ends the process with status 1
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(settings, on_fatal=stop)
     base = f"http://{settings.host}:{settings.port}"
     auth = ' -H "Authorization: Bearer $STEPCREDIT_API_KEY"' if settings.api_key else ""
     print(
@@ -53,7 +59,8 @@ def _serve(args: argparse.Namespace) -> int:
         f"API docs: {base}/docs   metrics: {base}/metrics",
         flush=True,
     )
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level))
+    server.run()
     error = app.state.load_state["error"]
     if error:
         print(f"stepcredit: {error}", file=sys.stderr)

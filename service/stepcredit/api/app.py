@@ -14,6 +14,7 @@ import os
 import secrets
 import signal
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
@@ -88,7 +89,17 @@ class _Guard:
         self.metrics.requests.labels(scope["path"], str(status["code"])).inc()
 
 
-def create_app(settings: Settings | None = None, scorer: Scorer | None = None) -> FastAPI:
+def _terminate() -> None:
+    signal.raise_signal(signal.SIGTERM)
+
+
+def create_app(
+    settings: Settings | None = None,
+    scorer: Scorer | None = None,
+    on_fatal: Callable[[], None] = _terminate,
+) -> FastAPI:
+    """`on_fatal` is called when the model cannot load or the backend dies, so the
+    process exits and its orchestrator restarts it (default: SIGTERM to self)."""
     settings = settings or Settings()
     limits = settings.limits()
     metrics = Metrics()
@@ -110,7 +121,7 @@ def create_app(settings: Settings | None = None, scorer: Scorer | None = None) -
             log.exception("model failed to load")
             state["error"] = f"{type(exc).__name__}: {exc}"
             if scorer is None:
-                signal.raise_signal(signal.SIGTERM)
+                on_fatal()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -167,7 +178,7 @@ def create_app(settings: Settings | None = None, scorer: Scorer | None = None) -
         metrics.ready.set(0)
         if state["scorer"] is not None:
             state["scorer"].ready = False
-        signal.raise_signal(signal.SIGTERM)
+        on_fatal()
         return _error(503, "backend_dead", str(exc))
 
     @app.post("/v1/score", response_model=ScoreResponse, dependencies=[Depends(authorize)])

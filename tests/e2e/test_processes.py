@@ -1,0 +1,130 @@
+"""Real processes: `stepcredit serve` on the embedded SmolLM2 over HTTP, and `stepcredit score`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import cache_dir
+
+STEPCREDIT = str(Path(sys.executable).parent / "stepcredit")
+ITEM = {
+    "id": "e2e",
+    "messages": [{"role": "user", "content": "What is 2+3?"}],
+    "completion": "<think>\nWe add 2 and 3.\n2 + 3 = 5\n</think>\n<answer>5</answer>",
+    "references": ["5", "five"],
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(smol_path):
+    port = free_port()
+    env = {**os.environ, "STEPCREDIT_CACHE_DIR": str(cache_dir()), "STEPCREDIT_API_KEY": "e2e-key"}
+    proc = subprocess.Popen(
+        [STEPCREDIT, "serve", "--port", str(port), "--device", "cpu"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        else:
+            pytest.fail("stepcredit serve did not become ready in 240 s")
+        yield base, proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@pytest.mark.slow
+def test_serve_scores_over_http_on_smollm2(server):
+    base, _ = server
+    headers = {"Authorization": "Bearer e2e-key"}
+    response = httpx.post(f"{base}/v1/score", json={"items": [ITEM]}, headers=headers, timeout=120)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    (result,) = body["results"]
+    assert result["status"] == "ok" and result["correct"] and result["format_ok"] and result["sft_gate"]
+    assert len(result["steps"]) == 2 and result["baseline_loglik"] < 0
+    assert result["mig_reward"] == pytest.approx(sum(s["gain"] for s in result["steps"]))
+    assert body["model"]["name"] == "SmolLM2-135M-Instruct" and body["model"]["dtype"] == "float32"
+    assert httpx.post(f"{base}/v1/score", json={"items": [ITEM]}, timeout=30).status_code == 401
+    metrics = httpx.get(f"{base}/metrics", timeout=10).text
+    assert "stepcredit_ready 1.0" in metrics
+
+
+@pytest.mark.slow
+def test_serve_exits_cleanly_on_sigterm(server):
+    _, proc = server
+    proc.send_signal(signal.SIGTERM)
+    # uvicorn re-raises the signal after its graceful shutdown.
+    assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
+    output = proc.stdout.read()
+    assert "Application shutdown complete" in output
+    assert "curl" in output  # it printed how to call it
+
+
+def test_serve_exits_with_status_1_when_the_model_cannot_load(tmp_path):
+    run = subprocess.run(
+        [STEPCREDIT, "serve", "--port", str(free_port()), "--model", str(tmp_path / "missing")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 1
+    assert "not a local HF model folder" in run.stderr
+
+
+def test_score_cli_writes_one_result_per_line_in_order(tmp_path, tiny_model_path):
+    lines = [
+        json.dumps({**ITEM, "id": "a"}),
+        "{not json",
+        json.dumps({"id": "c", "prompt": "x", "references": ["1"]}),  # no completion
+        json.dumps({**ITEM, "id": "d", "completion": ITEM["completion"].replace(">5<", ">6<")}),
+    ]
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    run = subprocess.run(
+        [STEPCREDIT, "score", str(src), "-o", str(out), "--model", str(tiny_model_path), "--device", "cpu", "-q"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    results = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["status"] for r in results] == ["ok", "error", "error", "ok"]
+    assert [r["id"] for r in results] == ["a", None, "c", "d"]
+    assert results[1]["error"]["code"] == results[2]["error"]["code"] == "invalid_item"
+    assert "completion" in results[2]["error"]["message"]
+    assert results[0]["correct"] and not results[3]["correct"]
+    summary = json.loads(run.stderr.strip().splitlines()[-1])
+    assert summary["items"] == 4 and summary["items_ok"] == 2 and summary["tokens_forwarded"] > 0
