@@ -22,7 +22,7 @@ def default_cache_dir() -> Path:
 class Limits(BaseSettings):
     """Bounds on every input, checked before any work is done."""
 
-    model_config = SettingsConfigDict(env_prefix="STEPCREDIT_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="STEPCREDIT_", extra="ignore", use_attribute_docstrings=True)
 
     max_request_bytes: int = Field(16 * 1024 * 1024, ge=1024, le=1 << 30)
     """Largest accepted HTTP body; larger bodies get 413."""
@@ -45,7 +45,7 @@ class Limits(BaseSettings):
 class Settings(Limits):
     """Service configuration. Each field's docstring is its documentation."""
 
-    model_config = SettingsConfigDict(env_prefix="STEPCREDIT_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="STEPCREDIT_", extra="ignore", use_attribute_docstrings=True)
 
     # --- serving
     host: str = "127.0.0.1"

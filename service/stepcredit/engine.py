@@ -124,7 +124,12 @@ class Scorer:
 
     async def start(self) -> None:
         await asyncio.to_thread(self.verifier.start)
-        warm = ScoreItem(prompt="1+1=", completion="<think>\nadd\n</think>\n<answer>2</answer>", references=["2"])
+        warm = ScoreItem(
+            prompt="1+1=",
+            completion="<think>\nadd\n</think>\n<answer>2</answer>",
+            references=["2"],
+            options=ItemOptions(format="think_answer", step_split="lines", max_steps=1),
+        )
         batch = await self.score([warm])
         if batch.results[0].status != "ok":
             raise RuntimeError(f"warm-up scoring failed: {batch.results[0].error}")

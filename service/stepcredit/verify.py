@@ -246,6 +246,9 @@ class VerifierPool:
             raise VerifyError("verifier pool is closed")
         if answer is None or not answer.strip() or len(answer) > self.max_answer_chars:
             return Verdict(False, None, False)
+        if not _braces_balance(answer):
+            # Math-Verify reads "2^{" as 2: a broken answer must not match gold "2".
+            return Verdict(False, None, False)
         refs = list(references)
         if not all(isinstance(r, str) for r in refs):
             raise TypeError("references must be strings")
@@ -412,6 +415,19 @@ class VerifierPool:
             else:
                 self._release(new)  # disposes of it if the pool closed meanwhile
                 return
+
+
+def _braces_balance(text: str) -> bool:
+    depth, i = 0, 0
+    while i < len(text):
+        if text[i] == "\\":
+            i += 2  # \{ and \} are literal braces
+            continue
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth < 0:
+            return False
+        i += 1
+    return depth == 0
 
 
 def _fail(fut: asyncio.Future, exc: BaseException) -> None:

@@ -13,11 +13,11 @@ from stepcredit.protocol import ScoreItem
 TOL = 1e-4
 
 
-async def score_both(model_path, settings, verifier, items, **packed_kwargs):
+async def score_both(model_path, settings, verifier, items, device="cpu", **packed_kwargs):
     results = {}
     for strategy in ("packed", "per-prefix"):
         kwargs = packed_kwargs if strategy == "packed" else {}
-        backend = HFBackend(model_path, device="cpu", dtype="float32", strategy=strategy, **kwargs)
+        backend = HFBackend(model_path, device=device, dtype="float32", strategy=strategy, **kwargs)
         try:
             batch = await Scorer(backend, settings, verifier=verifier).score([ScoreItem(**i) for i in items])
         finally:

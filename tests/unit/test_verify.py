@@ -227,3 +227,9 @@ def test_workers_run_under_address_space_limit():
         assert 512 * 2**20 <= soft < 1536 * 2**20
     finally:
         p.close()
+
+
+async def test_answer_with_unbalanced_braces_never_matches(pool):
+    # Math-Verify alone parses "2^{" as 2 and would call it equal to gold "2".
+    assert await pool.verify("2^{", ["2"]) == Verdict(False, None, False)
+    assert await pool.verify(r"\{1,2\}", [r"\{1,2\}"]) == Verdict(True, 0, False)
