@@ -243,3 +243,26 @@ async def test_metrics_count_requests_items_errors_and_tokens(client):
     assert 'stepcredit_item_errors_total{code="token_ids_mismatch"} 1.0' in text
     assert "stepcredit_probe_tokens_total" in text and "stepcredit_queue_depth" in text
     assert "stepcredit_request_latency_seconds_bucket" in text
+
+
+async def test_garbage_completions_never_crash_and_never_get_made_up_rewards(client):
+    import random
+
+    rng = random.Random(0)
+    pieces = [
+        "<think>", "</think>", "<answer>", "</answer>", "\\boxed{", "}", "{", "\n", "\n\n", "Step 1:",
+        "## step 22", " ", "\u0000", "😀", "\u202e", "9^9^9^9", "(" * 50, "x" * 300, "<|im_end|>", "$", "\\",
+    ]  # fmt: skip
+    items = []
+    for i in range(40):
+        completion = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 30)))
+        fmt = rng.choice(["think_answer", "boxed"])
+        items.append({**GOOD, "id": f"g{i}", "completion": completion, "options": {"format": fmt, "verify_timeout_s": 2}})
+    body = await score(client, *items)
+    assert [r["id"] for r in body["results"]] == [i["id"] for i in items]
+    for r in body["results"]:
+        if r["status"] == "ok":
+            assert r["outcome_reward"] is not None and r["mig_reward"] is not None
+            assert r["mig_reward"] == pytest.approx(sum(s["gain"] for s in r["steps"]), abs=1e-9)
+        else:
+            assert r["error"]["code"] and r["outcome_reward"] is None and r["mig_reward"] is None
