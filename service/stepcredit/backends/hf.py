@@ -9,8 +9,8 @@ branch point. A 4-D boolean mask encodes the tree, so the cost is about
 L + (K+1)·(P + Σ_v A_v) tokens instead of about (K+1)·V·L/2.
 
 Only the positions that predict a reference token are projected to the
-vocabulary (a boolean `logits_to_keep`), and log-probabilities are computed in
-float32 whatever the model dtype.
+vocabulary, and log-probabilities are computed in float32 whatever the model
+dtype.
 """
 
 from __future__ import annotations
@@ -197,6 +197,11 @@ class HFBackend(Backend):
         # SDPA takes the boolean 4-D tree mask as it is.
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype, attn_implementation="sdpa")
         self.model.to(self.device).eval()
+        # Hidden states come from the decoder and only the rows that predict a reference
+        # token go through the vocabulary head: the full logits of a long packed row
+        # would take gigabytes.
+        self._decoder = self.model.base_model
+        self._head = self.model.get_output_embeddings()
         config = self.model.config
         self.info = ModelInfo(
             name=name or config.name_or_path and Path(str(config.name_or_path)).name or path.name,
@@ -304,11 +309,9 @@ class HFBackend(Backend):
         n = max(len(seg.ids) for seg in group)
         ids = torch.zeros(len(group), n, dtype=torch.long)
         positions = torch.zeros(len(group), n, dtype=torch.long)
-        keep = torch.zeros(len(group), n, dtype=torch.bool)
         for b, seg in enumerate(group):
             ids[b, : len(seg.ids)] = torch.tensor(seg.ids)
             positions[b, : len(seg.ids)] = torch.tensor(seg.positions)
-            keep[b, seg.sources] = True
         if self.strategy == "packed":
             attention = _packed_mask(group, n, self.device)
         else:
@@ -316,26 +319,32 @@ class HFBackend(Backend):
             for b, seg in enumerate(group):
                 attention[b, : len(seg.ids)] = 1
             attention = attention.to(self.device)
-        logits = self.model(
+        hidden = self._decoder(
             input_ids=ids.to(self.device),
             attention_mask=attention,
             position_ids=positions.to(self.device),
-            logits_to_keep=keep.to(self.device),
             use_cache=False,
-        ).logits
-        logits = logits.reshape(-1, logits.shape[-1])
-
-        # Kept rows come out in row-major order; map each target's source row to its kept index.
-        kept_index = torch.cumsum(keep.flatten(), 0) - 1
+        ).last_hidden_state
+        # Project only the rows that predict a reference token (several targets may
+        # share a row: every reference's first token is predicted by the probe's end).
         rows, tokens = [], []
         for b, seg in enumerate(group):
             rows += [b * n + s for s in seg.sources]
             tokens += seg.targets
-        select = kept_index[torch.tensor(rows)].to(self.device)
-        chosen = logits[select].float()
+        unique, inverse = torch.unique(torch.tensor(rows), return_inverse=True)
+        logits = self._logits(hidden.reshape(-1, hidden.shape[-1])[unique.to(self.device)])
+        chosen = logits[inverse.to(self.device)]
         target = torch.tensor(tokens, device=self.device)
         logprobs = chosen.gather(1, target[:, None]).squeeze(1) - torch.logsumexp(chosen, dim=-1)
         return logprobs.cpu()
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The causal-LM head on selected rows, in float32 (with Gemma-style softcapping)."""
+        logits = self._head(hidden).float()
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
     def __repr__(self) -> str:  # pragma: no cover - debugging aid
         return f"HFBackend({self.info.name}, {self.strategy}, {self.device}, {self.info.dtype})"
