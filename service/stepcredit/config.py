@@ -78,6 +78,17 @@ class Settings(Limits):
     max_batch_rows: int = Field(64, ge=1, le=4096)
     """Most sequences (rows) in one forward pass."""
 
+    max_inflight_batches: int = Field(4, ge=1, le=256)
+    """Backend calls in flight at once for backends that batch internally (vLLM); hf runs one."""
+
+    # --- cross-request batching
+    batch_max_tokens: int = Field(16384, ge=64, le=1 << 24)
+    """Estimated tokens that make the batcher send a backend call without waiting longer."""
+    batch_max_wait_ms: float = Field(5.0, ge=0, le=10_000)
+    """Longest a request waits for others to share its backend call."""
+    max_queued_items: int = Field(4096, ge=1, le=1_000_000)
+    """Trajectories that may wait for the backend; beyond it requests get 429."""
+
     # --- verification
     verify_workers: int = Field(2, ge=1, le=64)
     """Math-Verify worker processes."""

@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from .backends.base import Backend
+from .batching import Batcher, Overloaded
 from .config import Settings
 from .credit import mig_credit, outcome_reward
 from .probes import ProbeError, TrajectoryProbes, check_completion_ids, ids_probes, text_probes
@@ -36,7 +37,7 @@ from .structure import (
 )
 from .verify import VerifierPool, Verdict, VerifyError
 
-__all__ = ["Scorer", "ScoreBatch", "ResolvedOptions", "resolve_options"]
+__all__ = ["Scorer", "ScoreBatch", "Overloaded", "ResolvedOptions", "resolve_options"]
 
 log = logging.getLogger(__name__)
 
@@ -113,14 +114,19 @@ class Scorer:
             memory_limit_mb=settings.verify_memory_mb,
         )
         self._prepare_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
-        self._backend_lock = asyncio.Lock()
-        self._waiting = 0
+        self.batcher = Batcher(
+            backend,
+            max_batch_tokens=settings.batch_max_tokens,
+            max_wait_s=settings.batch_max_wait_ms / 1000,
+            max_queued=settings.max_queued_items,
+            max_inflight=backend.max_inflight_batches,
+        )
         self.ready = False
 
     @property
     def queue_depth(self) -> int:
-        """Batches waiting for the backend."""
-        return self._waiting
+        """Trajectories waiting for the backend."""
+        return self.batcher.queued
 
     async def start(self) -> None:
         await asyncio.to_thread(self.verifier.start)
@@ -137,6 +143,7 @@ class Scorer:
 
     async def close(self) -> None:
         self.ready = False
+        await self.batcher.close()
         self.verifier.close()
         self._prepare_pool.shutdown(wait=False, cancel_futures=True)
         await asyncio.to_thread(self.backend.shutdown)
@@ -144,6 +151,8 @@ class Scorer:
     # ------------------------------------------------------------------ score
 
     async def score(self, items: Sequence[ScoreItem], options: ItemOptions | None = None) -> ScoreBatch:
+        """Score a batch; raises Overloaded (before any work) when the queue is full."""
+        self.batcher.check_capacity(len(items))
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
         prepared = await loop.run_in_executor(self._prepare_pool, self._prepare_all, list(items), options)
@@ -157,22 +166,15 @@ class Scorer:
             for i, p in enumerate(prepared)
             if isinstance(p, _Prepared)
         }
-        # 3. one backend call for every probe set of the batch.
+        # 3. the batcher coalesces these probes with other requests' into backend calls.
         probe_owner = [i for i, p in enumerate(prepared) if isinstance(p, _Prepared) and p.probes is not None]
         usage = Usage(items=len(items))
         logliks: dict[int, list[list[float]] | Exception] = {}
         if probe_owner:
             t0 = time.perf_counter()
-            self._waiting += 1
-            acquired = False
             try:
-                async with self._backend_lock:
-                    self._waiting -= 1
-                    acquired = True
-                    out = await self.backend.loglikelihoods([prepared[i].probes for i in probe_owner])
+                out = await self.batcher.submit([prepared[i].probes for i in probe_owner])
             except BaseException:
-                if not acquired:
-                    self._waiting -= 1
                 for task in verdicts.values():
                     task.cancel()
                 raise

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import secrets
 import signal
@@ -23,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..backends import BackendDeadError, build_backend
 from ..config import Settings
-from ..engine import Scorer
+from ..engine import Overloaded, Scorer
 from ..protocol import LimitError, ModelInfo, ScoreRequest, ScoreResponse, check_limits
 from .metrics import Metrics
 
@@ -167,9 +168,18 @@ def create_app(
     async def _unauthorized(request: Request, exc: _Unauthorized) -> JSONResponse:
         return _error(401, "unauthorized", "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
+    @app.exception_handler(_ClientGone)
+    async def _gone(request: Request, exc: _ClientGone) -> Response:
+        return Response(status_code=499)  # nginx's "client closed request": nobody reads it
+
     @app.exception_handler(LimitError)
     async def _limit(request: Request, exc: LimitError) -> JSONResponse:
         return _error(exc.status, "limit_exceeded", str(exc), field=exc.field)
+
+    @app.exception_handler(Overloaded)
+    async def _overloaded(request: Request, exc: Overloaded) -> JSONResponse:
+        retry = str(max(1, math.ceil(exc.retry_after_s)))
+        return _error(429, "overloaded", str(exc), headers={"Retry-After": retry})
 
     @app.exception_handler(BackendDeadError)
     async def _dead(request: Request, exc: BackendDeadError) -> JSONResponse:
@@ -182,12 +192,12 @@ def create_app(
         return _error(503, "backend_dead", str(exc))
 
     @app.post("/v1/score", response_model=ScoreResponse, dependencies=[Depends(authorize)])
-    async def score(request: ScoreRequest) -> ScoreResponse:
+    async def score(request: ScoreRequest, raw: Request) -> ScoreResponse:
         """Score a batch of items: MIG per step, outcome, gates and spans (SPEC section 7)."""
         current = ready_scorer()
         check_limits(request, limits)
         started = time.perf_counter()
-        batch = await current.score(request.items, request.options)
+        batch = await _unless_disconnected(raw, current.score(request.items, request.options))
         metrics.request_latency.observe(time.perf_counter() - started)
         if "backend_s" in batch.timings:
             metrics.backend_latency.observe(batch.timings["backend_s"])
@@ -225,6 +235,30 @@ def create_app(
 
     app.add_middleware(_Guard, max_bytes=limits.max_request_bytes, metrics=metrics)
     return app
+
+
+async def _unless_disconnected(request: Request, work):
+    """Run `work`, cancelling it when the client disconnects (queued probes are dropped)."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        log.info("client disconnected; its scoring was cancelled")
+        raise _ClientGone()
+    return task.result()
+
+
+class _ClientGone(Exception):
+    pass
 
 
 class _NotReady(Exception):

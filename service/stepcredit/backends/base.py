@@ -26,15 +26,21 @@ class BatchLogliks:
     or the exception that prevented it."""
 
     results: list[list[list[float]] | Exception]
-    tokens_forwarded: int = 0
+    tokens: list[int] = field(default_factory=list)
+    """Tokens forwarded for each trajectory (padding excluded, cache hits excluded)."""
     forward_passes: int = 0
-    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def tokens_forwarded(self) -> int:
+        return sum(self.tokens)
 
 
 class Backend(ABC):
     info: ModelInfo
     tokenizer: object
     """The scorer's HF tokenizer: probes are built with it, in the service."""
+    max_inflight_batches: int = 1
+    """Backend calls the batcher may have in flight at once (1: strictly one after another)."""
 
     @abstractmethod
     async def loglikelihoods(self, batch: Sequence[TrajectoryProbes]) -> BatchLogliks:

@@ -61,6 +61,7 @@ class _Segment:
     Per target: the row that predicts it, the token, and its (traj, k, v) owner.
     """
 
+    traj: int = -1
     ids: list[int] = field(default_factory=list)
     positions: list[int] = field(default_factory=list)
     trunk: list[int] = field(default_factory=list)
@@ -112,7 +113,7 @@ def _packed_segments(t: int, traj: TrajectoryProbes, max_tokens: int, max_rows: 
 
 
 def _build_packed(t: int, traj: TrajectoryProbes, probes: list[int], cuts: list[int]) -> _Segment:
-    seg = _Segment()
+    seg = _Segment(traj=t)
     trunk_len = max(cuts[k] for k in probes)
     for i in range(trunk_len):
         seg.push(traj.trunk[i], i, i, i + 1, -1, -1)
@@ -162,7 +163,7 @@ def _per_prefix_segments(t: int, traj: TrajectoryProbes) -> list[_Segment]:
         if not ctx:
             raise BackendError("a probe has no context token to condition on")
         for v, ref in enumerate(traj.references):
-            seg = _Segment(ids=[*ctx, *ref], positions=list(range(len(ctx) + len(ref))))
+            seg = _Segment(traj=t, ids=[*ctx, *ref], positions=list(range(len(ctx) + len(ref))))
             for i, token in enumerate(ref):
                 seg.score(len(ctx) - 1 + i, token, (t, k, v))
             segments.append(seg)
@@ -250,9 +251,9 @@ class HFBackend(Backend):
             except BackendError as exc:
                 failed[t] = exc
 
-        out = BatchLogliks(results=[])
+        out = BatchLogliks(results=[], tokens=[0] * len(batch))
         for group in self._forward_groups(segments):
-            owners = {o[0] for seg in group for o in seg.owners}
+            owners = {seg.traj for seg in group}
             try:
                 logprobs = self._forward(group)
             except torch.cuda.OutOfMemoryError as exc:
@@ -269,7 +270,8 @@ class HFBackend(Backend):
                     failed.setdefault(t, BackendError(f"forward pass failed: {exc}"))
                 continue
             out.forward_passes += 1
-            out.tokens_forwarded += sum(len(seg.ids) for seg in group)
+            for seg in group:
+                out.tokens[seg.traj] += len(seg.ids)
             flat = iter(logprobs.tolist())
             for seg in group:
                 for t, k, v in seg.owners:

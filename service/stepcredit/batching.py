@@ -1,0 +1,184 @@
+"""Cross-request dynamic batching in front of any backend.
+
+Concurrent `/v1/score` calls each submit their trajectories; a single loop
+coalesces what is queued into one backend call, which leaves when the batch
+reaches its token budget or when the oldest waiting job has waited `max_wait_s`.
+The queue is bounded: past `max_queued` trajectories, `submit` raises
+`Overloaded` (HTTP 429 with Retry-After). A job cancelled while queued (its
+client went away) is dropped before it costs any model time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from .backends.base import Backend, BackendDeadError, BatchLogliks
+from .probes import TrajectoryProbes
+
+__all__ = ["Batcher", "Overloaded", "estimate_tokens"]
+
+log = logging.getLogger(__name__)
+
+
+class Overloaded(RuntimeError):
+    """The queue is full; retry after `retry_after_s`."""
+
+    def __init__(self, retry_after_s: float) -> None:
+        super().__init__(f"scoring queue is full; retry after {retry_after_s:.0f} s")
+        self.retry_after_s = retry_after_s
+
+
+def estimate_tokens(traj: TrajectoryProbes) -> int:
+    """About what the packed strategy forwards: the trunk plus each probe's branch."""
+    per_probe = 8 + sum(len(r) for r in traj.references)
+    return len(traj.trunk) + len(traj.contexts) * per_probe
+
+
+@dataclass
+class _Job:
+    probes: list[TrajectoryProbes]
+    tokens: int
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+class Batcher:
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        max_batch_tokens: int = 16384,
+        max_wait_s: float = 0.005,
+        max_queued: int = 4096,
+        max_inflight: int = 1,
+    ) -> None:
+        self.backend = backend
+        self.max_batch_tokens = max_batch_tokens
+        self.max_wait_s = max_wait_s
+        self.max_queued = max_queued
+        self._queue: deque[_Job] = deque()
+        self._queued = 0  # trajectories in the queue
+        self._wakeup = asyncio.Event()
+        self._slots = asyncio.Semaphore(max_inflight)
+        self._loop_task: asyncio.Task | None = None
+        self._inflight: set[asyncio.Task] = set()
+        self._seconds_per_token = 1e-3  # refined by every batch, for Retry-After
+        self.batches = 0
+
+    @property
+    def queued(self) -> int:
+        """Trajectories waiting for the backend."""
+        return self._queued
+
+    def check_capacity(self, trajectories: int = 1) -> None:
+        if self._queued + trajectories > self.max_queued:
+            backlog = sum(job.tokens for job in self._queue)
+            raise Overloaded(max(1.0, backlog * self._seconds_per_token))
+
+    async def submit(self, probes: Sequence[TrajectoryProbes]) -> BatchLogliks:
+        """ℓ for `probes`, computed in a batch with whatever else is waiting."""
+        if not probes:
+            return BatchLogliks(results=[])
+        self.check_capacity(len(probes))
+        self._ensure_running()
+        job = _Job(list(probes), sum(estimate_tokens(p) for p in probes), asyncio.get_running_loop().create_future())
+        self._queue.append(job)
+        self._queued += len(job.probes)
+        self._wakeup.set()
+        try:
+            return await job.future
+        except asyncio.CancelledError:
+            if job in self._queue:  # not taken yet: it costs nothing
+                self._queue.remove(job)
+                self._queued -= len(job.probes)
+            raise
+
+    def _ensure_running(self) -> None:
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.get_running_loop().create_task(self._run(), name="stepcredit-batcher")
+
+    async def close(self) -> None:
+        for task in [self._loop_task, *self._inflight]:
+            if task is not None:
+                task.cancel()
+        for job in self._queue:
+            if not job.future.done():
+                job.future.set_exception(BackendDeadError("the scorer is shutting down"))
+        self._queue.clear()
+        self._queued = 0
+
+    async def _run(self) -> None:
+        while True:
+            while not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            # Wait for company until the oldest job's deadline or a full batch.
+            deadline = self._queue[0].enqueued + self.max_wait_s
+            while sum(j.tokens for j in self._queue) < self.max_batch_tokens:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+                except TimeoutError:
+                    break
+            await self._slots.acquire()
+            batch = self._take()
+            if not batch:
+                self._slots.release()
+                continue
+            task = asyncio.get_running_loop().create_task(self._execute(batch))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+
+    def _take(self) -> list[_Job]:
+        batch, tokens = [], 0
+        while self._queue and (not batch or tokens + self._queue[0].tokens <= self.max_batch_tokens):
+            job = self._queue.popleft()
+            self._queued -= len(job.probes)
+            if job.future.done():  # cancelled by its caller
+                continue
+            batch.append(job)
+            tokens += job.tokens
+        return batch
+
+    async def _execute(self, batch: list[_Job]) -> None:
+        try:
+            started = time.perf_counter()
+            flat = [p for job in batch for p in job.probes]
+            try:
+                out = await self.backend.loglikelihoods(flat)
+            except BaseException as exc:
+                for job in batch:
+                    if not job.future.done():
+                        job.future.set_exception(exc if isinstance(exc, Exception) else RuntimeError(str(exc)))
+                if not isinstance(exc, Exception):
+                    raise
+                return
+            self.batches += 1
+            if out.tokens_forwarded:
+                self._seconds_per_token = (time.perf_counter() - started) / out.tokens_forwarded
+            self._split(batch, out)
+        finally:
+            self._slots.release()
+
+    @staticmethod
+    def _split(batch: list[_Job], out: BatchLogliks) -> None:
+        """Hand each job its own results and token counts (forward passes are shared)."""
+        start = 0
+        for job in batch:
+            n = len(job.probes)
+            share = BatchLogliks(
+                results=out.results[start : start + n],
+                tokens=out.tokens[start : start + n],
+                forward_passes=out.forward_passes,
+            )
+            start += n
+            if not job.future.done():
+                job.future.set_result(share)
