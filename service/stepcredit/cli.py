@@ -18,7 +18,12 @@ __all__ = ["main"]
 
 
 def _model_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backend", choices=["hf"], help="likelihood backend (default: hf)")
+    parser.add_argument("--backend", choices=["hf", "vllm", "vllm-remote"], help="likelihood backend (default: hf)")
+    parser.add_argument("--vllm-url", help="vllm-remote: comma-separated `vllm serve` base URLs")
+    parser.add_argument(
+        "--no-prefix-reuse", dest="prefix_reuse", action="store_false", default=None,
+        help="vLLM backends: recompute every probe's prefix (the baseline)",
+    )
     parser.add_argument("--strategy", choices=["packed", "per-prefix"], help="probe strategy (default: packed)")
     parser.add_argument("--model", help="local HF causal-LM folder (default: embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: auto)")
@@ -29,7 +34,10 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
 def _settings(args: argparse.Namespace):
     from .config import Settings
 
-    names = ("backend", "strategy", "model", "device", "dtype", "cache_dir", "host", "port", "log_level")
+    names = (
+        "backend", "strategy", "model", "device", "dtype", "cache_dir", "host", "port", "log_level",
+        "vllm_url", "prefix_reuse",
+    )  # fmt: skip
     overrides = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
     return Settings(**overrides)
 
@@ -98,6 +106,7 @@ async def _score_file(args: argparse.Namespace) -> int:
     lines = [ln for ln in Path(args.input).read_text(encoding="utf-8").splitlines() if ln.strip()]
     backend = await asyncio.to_thread(build_backend, settings)
     scorer = Scorer(backend, settings)
+    await backend.start()
     await asyncio.to_thread(scorer.verifier.start)
     usage = Usage()
     limits = settings.limits()

@@ -7,10 +7,10 @@ Every field can be set from the environment with the ``STEPCREDIT_`` prefix
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 __all__ = ["Settings", "Limits", "default_cache_dir"]
 
@@ -58,8 +58,9 @@ class Settings(Limits):
     """Log level of the service and uvicorn."""
 
     # --- model and backend
-    backend: Literal["hf"] = "hf"
-    """Likelihood backend. `hf`: PyTorch/transformers in this process."""
+    backend: Literal["hf", "vllm", "vllm-remote"] = "hf"
+    """Likelihood backend. `hf`: PyTorch/transformers in this process; `vllm`: vLLM's
+    AsyncLLM in this process; `vllm-remote`: `vllm serve` servers at `vllm_url`."""
     strategy: Literal["packed", "per-prefix"] = "packed"
     """`packed`: all probes of a trajectory in one forward pass under a tree mask;
     `per-prefix`: one padded sequence per (probe, reference), the simple reference."""
@@ -78,6 +79,18 @@ class Settings(Limits):
     max_batch_rows: int = Field(64, ge=1, le=4096)
     """Most sequences (rows) in one forward pass."""
 
+    prefix_reuse: bool = True
+    """vLLM backends: let prompt-logprob requests read the prefix cache."""
+    vllm_url: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """vllm-remote: server base URLs, comma-separated in the environment."""
+    vllm_timeout_s: float = Field(60.0, gt=0, le=3600)
+    """vllm-remote: timeout of one probe request."""
+    vllm_retries: int = Field(3, ge=0, le=20)
+    """vllm-remote: retries per server (connection errors, 429, 5xx) before the next server."""
+    vllm_memory_utilization: float | None = Field(None, gt=0, le=1)
+    """vllm: fraction of GPU memory (of RAM on CPU) for weights and KV cache; default 0.85 GPU, 0.25 CPU."""
+    vllm_block_size: int | None = Field(None, ge=1, le=1024)
+    """vllm: KV-cache block size (default 16 on GPU, 32 on CPU, the smallest its attention takes)."""
     max_inflight_batches: int = Field(4, ge=1, le=256)
     """Backend calls in flight at once for backends that batch internally (vLLM); hf runs one."""
 
@@ -108,6 +121,13 @@ class Settings(Limits):
     """Weight of correctness in outcome_reward."""
     default_format_weight: float = Field(0.0, ge=-1e6, le=1e6)
     """Weight of format_ok in outcome_reward."""
+
+    @field_validator("vllm_url", mode="before")
+    @classmethod
+    def _split_urls(cls, value):
+        if isinstance(value, str):
+            return [u.strip() for u in value.split(",") if u.strip()]
+        return value
 
     def limits(self) -> Limits:
         return Limits(**{name: getattr(self, name) for name in Limits.model_fields})

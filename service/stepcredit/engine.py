@@ -129,6 +129,7 @@ class Scorer:
         return self.batcher.queued
 
     async def start(self) -> None:
+        await self.backend.start()
         await asyncio.to_thread(self.verifier.start)
         warm = ScoreItem(
             prompt="1+1=",
@@ -146,7 +147,7 @@ class Scorer:
         await self.batcher.close()
         self.verifier.close()
         self._prepare_pool.shutdown(wait=False, cancel_futures=True)
-        await asyncio.to_thread(self.backend.shutdown)
+        await self.backend.aclose()
 
     # ------------------------------------------------------------------ score
 

@@ -26,6 +26,7 @@ from ..backends import BackendDeadError, build_backend
 from ..config import Settings
 from ..engine import Overloaded, Scorer
 from ..protocol import LimitError, ModelInfo, ScoreRequest, ScoreResponse, check_limits
+from .compat import register_compat_routes
 from .metrics import Metrics
 
 __all__ = ["create_app"]
@@ -234,6 +235,7 @@ def create_app(
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     app.add_middleware(_Guard, max_bytes=limits.max_request_bytes, metrics=metrics)
+    register_compat_routes(app, ready_scorer, authorize, limits)
     return app
 
 

@@ -46,6 +46,15 @@ class Backend(ABC):
     async def loglikelihoods(self, batch: Sequence[TrajectoryProbes]) -> BatchLogliks:
         """ℓ_k(v) for every probe k and reference v of every trajectory."""
 
+    async def start(self) -> None:
+        """Connect or warm up; called once before the first batch."""
+
+    async def aclose(self) -> None:
+        """Release everything; the default runs `shutdown` off the event loop."""
+        import asyncio
+
+        await asyncio.to_thread(self.shutdown)
+
     def check_health(self) -> None:
         """Raise BackendDeadError when the backend can no longer serve."""
 

