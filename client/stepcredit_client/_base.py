@@ -1,0 +1,157 @@
+"""What the sync and async clients share: request building, error mapping at one
+boundary, the retry decision, batch splitting and merging. No I/O here."""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import httpx
+from pydantic import ValidationError
+
+from ._config import ClientConfig
+from ._exceptions import (
+    APIError,
+    AuthenticationError,
+    ConnectionFailed,
+    IncompleteBatchError,
+    InvalidRequestError,
+    PayloadTooLargeError,
+    RateLimitError,
+    RequestTimeout,
+    ResponseFormatError,
+    ServerError,
+    ServiceUnavailableError,
+    StepCreditError,
+    TransportError,
+)
+from ._models import ItemOptions, ScoreItem, ScoreResponse, ScoreResult, Usage
+
+__all__ = ["BaseClient", "ItemLike"]
+
+ItemLike = ScoreItem | Mapping[str, Any]
+
+_STATUS_ERRORS: dict[int, type[APIError]] = {
+    401: AuthenticationError,
+    413: PayloadTooLargeError,
+    429: RateLimitError,
+    503: ServiceUnavailableError,
+}
+
+
+class BaseClient:
+    def __init__(self, base_url: str, api_key: str | None, config: ClientConfig | None) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.config = config or ClientConfig()
+        self._headers = {"User-Agent": "stepcredit-client/0.1"}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+
+    # ------------------------------------------------------------ requests
+
+    @staticmethod
+    def _items(items: Iterable[ItemLike]) -> list[ScoreItem]:
+        return [item if isinstance(item, ScoreItem) else ScoreItem.model_validate(item) for item in items]
+
+    def _chunks(self, items: Sequence[ScoreItem]) -> list[tuple[int, Sequence[ScoreItem]]]:
+        size = self.config.chunk_size
+        return [(start, items[start : start + size]) for start in range(0, len(items), size)]
+
+    @staticmethod
+    def _payload(chunk: Sequence[ScoreItem], options: ItemOptions | Mapping | None) -> dict:
+        body: dict = {"items": [item.model_dump(exclude_none=True) for item in chunk]}
+        if options is not None:
+            opts = options if isinstance(options, ItemOptions) else ItemOptions.model_validate(options)
+            body["options"] = opts.model_dump(exclude_none=True)
+        return body
+
+    # ------------------------------------------------- errors, one boundary
+
+    @staticmethod
+    def _transport_error(exc: httpx.TransportError) -> TransportError:
+        # A connect timeout means nothing reached the server: retry it like a refusal.
+        if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout):
+            return RequestTimeout(f"{type(exc).__name__}: {exc}")
+        if isinstance(exc, httpx.NetworkError | httpx.RemoteProtocolError | httpx.ConnectTimeout):
+            return ConnectionFailed(f"{type(exc).__name__}: {exc}")
+        return TransportError(f"{type(exc).__name__}: {exc}")
+
+    @staticmethod
+    def _status_error(response: httpx.Response) -> APIError:
+        try:
+            body = response.json()
+        except ValueError:
+            body = response.text
+        code, message = f"http_{response.status_code}", response.reason_phrase
+        if isinstance(body, dict) and isinstance(body.get("error"), dict):
+            code = str(body["error"].get("code", code))
+            message = str(body["error"].get("message", message))
+        elif isinstance(body, dict) and "detail" in body:  # FastAPI's 422 names the field here
+            code, message = "invalid_request", str(body["detail"])
+        status = response.status_code
+        if status in _STATUS_ERRORS:
+            cls = _STATUS_ERRORS[status]
+        else:
+            cls = ServerError if status >= 500 else InvalidRequestError
+        return cls(status, code, message, body, _retry_after(response))
+
+    def _retry_delay(self, attempt: int, error: StepCreditError) -> float | None:
+        """Seconds to wait before trying again, or None to give up with `error`."""
+        retry = self.config.retry
+        if attempt + 1 >= retry.max_attempts:
+            return None
+        if isinstance(error, ConnectionFailed):
+            return retry.delay(attempt, None)
+        if isinstance(error, APIError) and error.status in retry.statuses:
+            return retry.delay(attempt, error.retry_after)
+        return None
+
+    @staticmethod
+    def _parse(response: httpx.Response, model):
+        try:
+            return model.model_validate(response.json())
+        except (ValueError, ValidationError) as exc:
+            raise ResponseFormatError(f"{response.request.url}: not a {model.__name__}: {exc}") from None
+
+    # ------------------------------------------------------- batch merging
+
+    @staticmethod
+    def _merge(n_items: int, outcomes: list[tuple[int, ScoreResponse | StepCreditError]]) -> ScoreResponse:
+        results: list[ScoreResult | None] = [None] * n_items
+        errors: dict[int, StepCreditError] = {}
+        usage, model = Usage(), None
+        for start, outcome in outcomes:
+            if isinstance(outcome, StepCreditError):
+                errors[start] = outcome
+                continue
+            results[start : start + len(outcome.results)] = outcome.results
+            usage, model = usage + outcome.usage, model or outcome.model
+        if errors:
+            if model is None:  # nothing succeeded: the first failure says why
+                raise errors[min(errors)]
+            raise IncompleteBatchError(results, errors, usage)
+        return ScoreResponse(results=results, model=model, usage=usage)
+
+    @staticmethod
+    def _check_count(chunk: Sequence[ScoreItem], response: ScoreResponse) -> ScoreResponse:
+        if len(response.results) != len(chunk):
+            raise ResponseFormatError(f"sent {len(chunk)} items, got {len(response.results)} results")
+        return response
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """Retry-After as seconds: delta-seconds (fractions accepted) or an HTTP date."""
+    value = response.headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())

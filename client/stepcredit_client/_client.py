@@ -1,0 +1,199 @@
+"""The sync and async clients. Both share `BaseClient`; only the I/O differs."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+
+from ._base import BaseClient, ItemLike
+from ._config import ClientConfig
+from ._exceptions import ServiceUnavailableError, StepCreditError
+from ._models import ItemOptions, ModelInfo, ScoreItem, ScoreResponse
+
+__all__ = ["Client", "AsyncClient"]
+
+
+class Client(BaseClient):
+    """Blocking client. Thread-safe; split batches go out on a small thread pool.
+
+    >>> with Client("http://127.0.0.1:8000") as client:
+    ...     response = client.score([{"prompt": p, "completion": c, "references": ["40"]}])
+    """
+
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        *,
+        api_key: str | None = None,
+        config: ClientConfig | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        super().__init__(base_url, api_key, config)
+        self._http = httpx.Client(
+            base_url=self.base_url,
+            headers=self._headers,
+            timeout=self.config.timeout,
+            transport=transport,
+            limits=httpx.Limits(max_connections=self.config.max_concurrency),
+        )
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _request(self, method: str, path: str, json: dict | None = None) -> httpx.Response:
+        attempt = 0
+        while True:
+            try:
+                response = self._http.request(method, path, json=json)
+            except httpx.TransportError as exc:
+                error: StepCreditError = self._transport_error(exc)
+            else:
+                if response.is_success:
+                    return response
+                error = self._status_error(response)
+            delay = self._retry_delay(attempt, error)
+            if delay is None:
+                raise error
+            time.sleep(delay)
+            attempt += 1
+
+    def score(self, items: Iterable[ItemLike], options: ItemOptions | Mapping | None = None) -> ScoreResponse:
+        """Score items; results come back in their order.
+
+        More than `config.chunk_size` items are split into requests sent at most
+        `config.max_concurrency` at a time. A failed item comes back with
+        `status: "error"`; a failed request raises (see the exception tree), and
+        `IncompleteBatchError` carries the results that did arrive.
+        """
+        batch = self._items(items)
+        if not batch:
+            raise ValueError("nothing to score")
+        chunks = self._chunks(batch)
+
+        def run(chunk: Sequence[ScoreItem]) -> ScoreResponse | StepCreditError:
+            try:
+                response = self._request("POST", "/v1/score", self._payload(chunk, options))
+                return self._check_count(chunk, self._parse(response, ScoreResponse))
+            except StepCreditError as exc:
+                return exc
+
+        if len(chunks) == 1:
+            outcomes = [(0, run(chunks[0][1]))]
+        else:
+            with ThreadPoolExecutor(max_workers=self.config.max_concurrency) as pool:
+                done = pool.map(run, [chunk for _, chunk in chunks])
+                outcomes = [(start, outcome) for (start, _), outcome in zip(chunks, done)]
+        return self._merge(len(batch), outcomes)
+
+    def model(self) -> ModelInfo:
+        """The scoring model (GET /v1/model)."""
+        return self._parse(self._request("GET", "/v1/model"), ModelInfo)
+
+    def ready(self) -> bool:
+        """True once the model is loaded and warmed. One try, no retry."""
+        try:
+            return self._http.get("/ready").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def wait_until_ready(self, timeout_s: float = 300.0, poll_s: float = 1.0) -> None:
+        """Block until /ready answers 200; raise ServiceUnavailableError after `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while not self.ready():
+            if time.monotonic() > deadline:
+                raise ServiceUnavailableError(503, "not_ready", f"not ready after {timeout_s} s")
+            time.sleep(poll_s)
+
+
+class AsyncClient(BaseClient):
+    """Asyncio client; split batches go out concurrently under a semaphore."""
+
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        *,
+        api_key: str | None = None,
+        config: ClientConfig | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        super().__init__(base_url, api_key, config)
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url,
+            headers=self._headers,
+            timeout=self.config.timeout,
+            transport=transport,
+            limits=httpx.Limits(max_connections=self.config.max_concurrency),
+        )
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _request(self, method: str, path: str, json: dict | None = None) -> httpx.Response:
+        attempt = 0
+        while True:
+            try:
+                response = await self._http.request(method, path, json=json)
+            except httpx.TransportError as exc:
+                error: StepCreditError = self._transport_error(exc)
+            else:
+                if response.is_success:
+                    return response
+                error = self._status_error(response)
+            delay = self._retry_delay(attempt, error)
+            if delay is None:
+                raise error
+            await asyncio.sleep(delay)
+            attempt += 1
+
+    async def score(self, items: Iterable[ItemLike], options: ItemOptions | Mapping | None = None) -> ScoreResponse:
+        """Score items; same contract as `Client.score`."""
+        batch = self._items(items)
+        if not batch:
+            raise ValueError("nothing to score")
+        gate = asyncio.Semaphore(self.config.max_concurrency)
+
+        async def run(start: int, chunk: Sequence[ScoreItem]) -> tuple[int, ScoreResponse | StepCreditError]:
+            async with gate:
+                try:
+                    response = await self._request("POST", "/v1/score", self._payload(chunk, options))
+                    return start, self._check_count(chunk, self._parse(response, ScoreResponse))
+                except StepCreditError as exc:
+                    return start, exc
+
+        outcomes = await asyncio.gather(*(run(start, chunk) for start, chunk in self._chunks(batch)))
+        return self._merge(len(batch), list(outcomes))
+
+    async def model(self) -> ModelInfo:
+        """The scoring model (GET /v1/model)."""
+        return self._parse(await self._request("GET", "/v1/model"), ModelInfo)
+
+    async def ready(self) -> bool:
+        """True once the model is loaded and warmed. One try, no retry."""
+        try:
+            return (await self._http.get("/ready")).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    async def wait_until_ready(self, timeout_s: float = 300.0, poll_s: float = 1.0) -> None:
+        """Wait until /ready answers 200; raise ServiceUnavailableError after `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while not await self.ready():
+            if time.monotonic() > deadline:
+                raise ServiceUnavailableError(503, "not_ready", f"not ready after {timeout_s} s")
+            await asyncio.sleep(poll_s)
