@@ -34,6 +34,25 @@ class BatchLogliks:
     def tokens_forwarded(self) -> int:
         return sum(self.tokens)
 
+    @classmethod
+    def collect(cls, outcomes: Sequence[tuple[list[list[float]], int] | BaseException]) -> BatchLogliks:
+        """From per-trajectory `(logliks, tokens)` or exceptions (asyncio.gather's
+        `return_exceptions`): a dead backend or a cancellation propagates, any other
+        failure becomes that trajectory's error."""
+        out = cls(results=[], tokens=[], forward_passes=1)
+        for outcome in outcomes:
+            if isinstance(outcome, BackendDeadError) or (
+                isinstance(outcome, BaseException) and not isinstance(outcome, Exception)
+            ):
+                raise outcome
+            if isinstance(outcome, Exception):
+                out.results.append(outcome if isinstance(outcome, BackendError) else BackendError(str(outcome)))
+                out.tokens.append(0)
+            else:
+                out.results.append(outcome[0])
+                out.tokens.append(outcome[1])
+        return out
+
 
 class Backend(ABC):
     info: ModelInfo

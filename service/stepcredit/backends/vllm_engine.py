@@ -113,19 +113,7 @@ class VLLMBackend(Backend):
     async def loglikelihoods(self, batch: Sequence[TrajectoryProbes]) -> BatchLogliks:
         self.check_health()
         outcomes = await asyncio.gather(*(self._trajectory(t) for t in batch), return_exceptions=True)
-        out = BatchLogliks(results=[], tokens=[], forward_passes=1)
-        for outcome in outcomes:
-            if isinstance(outcome, BackendDeadError):
-                raise outcome
-            if isinstance(outcome, BaseException):
-                if not isinstance(outcome, Exception):
-                    raise outcome
-                out.results.append(outcome if isinstance(outcome, BackendError) else BackendError(str(outcome)))
-                out.tokens.append(0)
-            else:
-                out.results.append(outcome[0])
-                out.tokens.append(outcome[1])
-        return out
+        return BatchLogliks.collect(outcomes)
 
     async def _trajectory(self, traj: TrajectoryProbes) -> tuple[list[list[float]], int]:
         rows, computed = [], 0

@@ -147,17 +147,7 @@ class VLLMRemoteBackend(Backend):
         if not self.servers:
             raise BackendError("vllm-remote is not connected: call start() first")
         outcomes = await asyncio.gather(*(self._trajectory(t) for t in batch), return_exceptions=True)
-        out = BatchLogliks(results=[], tokens=[], forward_passes=1)
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                if not isinstance(outcome, Exception):
-                    raise outcome
-                out.results.append(outcome if isinstance(outcome, BackendError) else BackendError(str(outcome)))
-                out.tokens.append(0)
-            else:
-                out.results.append(outcome[0])
-                out.tokens.append(outcome[1])
-        return out
+        return BatchLogliks.collect(outcomes)
 
     async def _trajectory(self, traj: TrajectoryProbes) -> tuple[list[list[float]], int]:
         first = self._server_for(traj)
