@@ -236,10 +236,12 @@ def plot(report: dict, path: Path) -> None:
         right.set_xticks(clients, [str(c) for c in clients])
         right.set_xlabel("concurrent clients")
         right.set_ylabel("items/s")
+        right.set_ylim(bottom=0, top=max(r["items_per_s"] for r in load_rows) * 1.3)
         twin = right.twinx()
         twin.plot(clients, [r["p50_s"] for r in load_rows], "s--", color="#dd8452", label="p50 latency")
         twin.plot(clients, [r["p99_s"] for r in load_rows], "^--", color="#c44e52", label="p99 latency")
         twin.set_ylabel("latency (s)")
+        twin.set_ylim(bottom=0)
         right.set_title("Service end to end (hf packed, one item per request)")
         lines = right.get_lines() + twin.get_lines()
         right.legend(lines, [ln.get_label() for ln in lines], loc="upper left", fontsize=8)
@@ -256,7 +258,11 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=32, help="requests per load level")
     parser.add_argument("--skip-per-prefix", action="store_true", help="skip the slowest strategy")
     parser.add_argument("--skip-load", action="store_true")
+    parser.add_argument("--plot-only", type=Path, help="redraw the PNG from a results JSON and exit")
     args = parser.parse_args()
+    if args.plot_only:
+        plot(json.loads(args.plot_only.read_text()), args.plot_only.with_suffix(".png"))
+        return
 
     model = ensure_default_model(Settings().cache_dir)
     items = [ScoreItem(**i) for i in workload(n=args.items, seed=args.seed)]
