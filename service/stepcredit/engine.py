@@ -97,12 +97,6 @@ class ScoreBatch:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-class _ItemError(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
 class Scorer:
     def __init__(self, backend: Backend, settings: Settings, verifier: VerifierPool | None = None) -> None:
         self.backend = backend
@@ -210,7 +204,7 @@ class Scorer:
         for item in items:
             try:
                 out.append(self._prepare(item, options))
-            except (_ItemError, ProbeError) as exc:
+            except ProbeError as exc:
                 out.append(ScoreResult.failure(item.id, exc.code, str(exc)))
             except StructureError as exc:
                 out.append(ScoreResult.failure(item.id, "invalid_options", str(exc)))
@@ -220,13 +214,13 @@ class Scorer:
         if item.prompt is not None:
             return item.prompt
         if not getattr(self.tokenizer, "chat_template", None):
-            raise _ItemError("no_chat_template", "the scorer's tokenizer has no chat template: send `prompt`")
+            raise ProbeError("no_chat_template", "the scorer's tokenizer has no chat template: send `prompt`")
         try:
             return self.tokenizer.apply_chat_template(
                 [m.model_dump() for m in item.messages], tokenize=False, add_generation_prompt=True
             )
         except Exception as exc:  # a template may raise on unexpected roles
-            raise _ItemError("invalid_messages", f"chat template failed: {exc}") from None
+            raise ProbeError("invalid_messages", f"chat template failed: {exc}") from None
 
     def _prepare(self, item: ScoreItem, request_options: ItemOptions | None) -> _Prepared:
         opts = resolve_options(self.settings, request_options, item.options)
@@ -256,9 +250,9 @@ class Scorer:
                 self.tokenizer, prompt, text, ids, cut_0, steps, opts.probe_prefix, item.references
             )
         if any(not ctx for ctx in probes.contexts):
-            raise _ItemError("empty_context", "a probe has no token to condition on (empty prompt and prefix)")
+            raise ProbeError("empty_context", "a probe has no token to condition on (empty prompt and prefix)")
         if probes.longest_sequence > self.backend.info.max_context:
-            raise _ItemError(
+            raise ProbeError(
                 "context_too_long",
                 f"the longest probe is {probes.longest_sequence} tokens, "
                 f"the model takes {self.backend.info.max_context}",

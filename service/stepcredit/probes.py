@@ -24,7 +24,8 @@ __all__ = [
 
 
 class ProbeError(ValueError):
-    """The item cannot be turned into probes. `code` is the per-item error code."""
+    """The item cannot be scored as given (bad ids, no context, too long, ...).
+    `code` is the per-item error code."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
