@@ -78,6 +78,9 @@ class Settings(Limits):
     """Most positions whose full-vocabulary logits one forward pass materializes."""
     max_batch_rows: int = Field(64, ge=1, le=4096)
     """Most sequences (rows) in one forward pass."""
+    share_min_tokens: int = Field(32, ge=0, le=1 << 20)
+    """hf packed: trajectories of one batch whose first tokens agree (a GRPO group's
+    prompt) compute them once when at least this many are shared; 0 turns it off."""
 
     prefix_reuse: bool = True
     """vLLM backends: let prompt-logprob requests read the prefix cache."""

@@ -48,7 +48,11 @@ async def test_concurrent_requests_share_backend_calls_and_get_their_own_results
         for ra, rb in zip(a.results, b.results):
             assert rb.mig_reward == pytest.approx(ra.mig_reward, abs=1e-4)
             assert [s.loglik for s in rb.steps] == pytest.approx([s.loglik for s in ra.steps], abs=1e-4)
-        assert b.usage.tokens_forwarded == a.usage.tokens_forwarded  # counted per trajectory
+        assert b.usage.tokens_forwarded > 0
+    # Counted per trajectory, with a prefix shared across requests (the workload's
+    # system prompt and questions) computed once and split among its sharers.
+    total = lambda batches: sum(b.usage.tokens_forwarded for b in batches)  # noqa: E731
+    assert total(together) < total(alone)
 
 
 async def test_full_queue_answers_429_with_retry_after(make_scorer, settings):

@@ -24,6 +24,7 @@ def build_backend(settings: Settings) -> Backend:
             max_batch_tokens=settings.max_batch_tokens,
             max_logit_rows=settings.max_logit_rows,
             max_batch_rows=settings.max_batch_rows,
+            share_min_tokens=settings.share_min_tokens,
         )
     if settings.backend == "vllm":
         from .vllm_engine import VLLMBackend

@@ -8,6 +8,13 @@ up to its branch point and itself only, with positions continuing from the
 branch point. A 4-D boolean mask encodes the tree, so the cost is about
 L + (K+1)·(P + Σ_v A_v) tokens instead of about (K+1)·V·L/2.
 
+Across the trajectories of one batch, `packed` also computes shared leading
+tokens once: segments whose first c tokens agree (a GRPO group's prompt, a
+common system prompt, the trunk of a trajectory split over several segments)
+get those tokens' keys and values from one forward pass of the prefix, and
+forward only their remainders on top of it. Which segments share what is
+chosen per batch to save the most tokens (`_share_plan`).
+
 Only the positions that predict a reference token are projected to the
 vocabulary, and log-probabilities are computed in float32 whatever the model
 dtype.
@@ -16,6 +23,7 @@ dtype.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -85,6 +93,14 @@ class _Segment:
         self.sources.append(source)
         self.targets.append(token)
         self.owners.append(owner)
+
+    def shareable(self) -> int:
+        """How many leading tokens could come from a shared prefix pass: every later
+        token must see all of them, and every scored row must lie after them."""
+        if not self.sources:
+            return 0
+        seen = min((lim for lim, tr in zip(self.limit, self.trunk) if tr < 0), default=len(self.ids))
+        return max(0, min(seen, min(self.sources), len(self.ids) - 1))
 
 
 def _branch_cost(traj: TrajectoryProbes, k: int, cut: int) -> tuple[int, int]:
@@ -157,6 +173,40 @@ def _packed_mask(segments: Sequence[_Segment], n: int, device: torch.device) -> 
     return mask[:, None]
 
 
+def _share_plan(segments: Sequence[_Segment], min_tokens: int) -> list[tuple[int, list[_Segment]]]:
+    """Partition segments into (shared prefix length, members) clusters.
+
+    Sorted by token ids, segments with long common prefixes are neighbours; a
+    cluster is a run of neighbours, and sharing c tokens among m of them saves
+    (m-1)·c tokens at the price of one more forward pass, counted as
+    `min_tokens`. Dynamic programming over the runs picks the partition that
+    saves the most. Clusters that share nothing have c = 0.
+    """
+    order = sorted(segments, key=lambda seg: seg.ids)
+    n = len(order)
+    cap = [seg.shareable() for seg in order]
+    neighbour = [_common_prefix(order[i].ids, order[i + 1].ids) for i in range(n - 1)]
+    best = [0] * (n + 1)  # best[j]: the largest saving over order[:j]
+    cut: list[tuple[int, int]] = [(0, 0)] * (n + 1)  # best[j]'s last cluster: (start, shared length)
+    for j in range(1, n + 1):
+        best[j], cut[j] = best[j - 1], (j - 1, 0)
+        shared = cap[j - 1]
+        for i in range(j - 2, -1, -1):  # the cluster order[i:j]
+            shared = min(shared, cap[i], neighbour[i])
+            if shared < max(min_tokens, 1):
+                break
+            saving = best[i] + (j - i - 1) * shared - min_tokens
+            if saving > best[j]:
+                best[j], cut[j] = saving, (i, shared)
+    clusters = []
+    j = n
+    while j > 0:
+        i, shared = cut[j]
+        clusters.append((shared, order[i:j]))
+        j = i
+    return clusters[::-1]
+
+
 def _per_prefix_segments(t: int, traj: TrajectoryProbes) -> list[_Segment]:
     segments = []
     for k, ctx in enumerate(traj.contexts):
@@ -181,6 +231,7 @@ class HFBackend(Backend):
         max_batch_tokens: int = 4096,
         max_logit_rows: int = 2048,
         max_batch_rows: int = 64,
+        share_min_tokens: int = 32,
         name: str | None = None,
     ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -193,6 +244,8 @@ class HFBackend(Backend):
         self.max_batch_tokens = max_batch_tokens
         self.max_logit_rows = max_logit_rows
         self.max_batch_rows = max_batch_rows
+        # Shortest common prefix worth its own forward pass (0: never share).
+        self.share_min_tokens = share_min_tokens
         # Largest share of padding a batched forward pass may carry. A CPU gains
         # almost nothing from wider batches (measured: padding only costs), a GPU
         # gains occupancy.
@@ -256,30 +309,35 @@ class HFBackend(Backend):
                 failed[t] = exc
 
         out = BatchLogliks(results=[], tokens=[0] * len(batch))
-        for group in self._forward_groups(segments):
-            owners = {seg.traj for seg in group}
-            try:
-                logprobs = self._forward(group)
-            except torch.cuda.OutOfMemoryError as exc:
-                for t in owners:
-                    failed.setdefault(t, BackendError(f"out of device memory: {exc}"))
-                torch.cuda.empty_cache()
-                continue
-            except RuntimeError as exc:
-                if self.device.type == "cuda" and "CUDA error" in str(exc):
-                    self._dead = exc  # a device-side error poisons the context
-                    raise BackendDeadError(str(exc)) from exc
-                log.exception("forward pass failed")
-                for t in owners:
-                    failed.setdefault(t, BackendError(f"forward pass failed: {exc}"))
-                continue
-            out.forward_passes += 1
-            for seg in group:
-                out.tokens[seg.traj] += len(seg.ids)
-            flat = iter(logprobs.tolist())
-            for seg in group:
-                for t, k, v in seg.owners:
-                    sums[t][k][v] += next(flat)
+        plan = [(0, segments)]
+        if self.strategy == "packed" and self.share_min_tokens > 0:
+            clusters = _share_plan(segments, self.share_min_tokens)
+            # Segments that share nothing are still batched with each other.
+            plan = [(0, [seg for shared, members in clusters if not shared for seg in members])]
+            plan += [(shared, members) for shared, members in clusters if shared]
+        for shared, members in plan:
+            prefix = None
+            if shared:
+                owners = {seg.traj for seg in members}
+                prefix = self._guarded(self._prefix, members[0], shared, owners=owners, failed=failed)
+                if prefix is None:
+                    continue
+                out.forward_passes += 1
+                # Each sharer is charged its part of the prefix; the total stays exact.
+                for i, seg in enumerate(members):
+                    out.tokens[seg.traj] += shared // len(members) + (i < shared % len(members))
+            for group in self._forward_groups(members, shared):
+                owners = {seg.traj for seg in group}
+                logprobs = self._guarded(self._forward, group, shared, prefix, owners=owners, failed=failed)
+                if logprobs is None:
+                    continue
+                out.forward_passes += 1
+                for seg in group:
+                    out.tokens[seg.traj] += len(seg.ids) - shared
+                flat = iter(logprobs.tolist())
+                for seg in group:
+                    for t, k, v in seg.owners:
+                        sums[t][k][v] += next(flat)
 
         for t, traj in enumerate(batch):
             if t in failed:
@@ -289,15 +347,33 @@ class HFBackend(Backend):
             out.results.append([[s / n for s, n in zip(row, lengths)] for row in sums[t]])
         return out
 
-    def _forward_groups(self, segments: list[_Segment]) -> list[list[_Segment]]:
+    def _guarded(self, fn, *args, owners: set[int], failed: dict[int, Exception]):
+        """Run one forward pass; on failure mark its trajectories failed and return None."""
+        try:
+            return fn(*args)
+        except torch.cuda.OutOfMemoryError as exc:
+            for t in owners:
+                failed.setdefault(t, BackendError(f"out of device memory: {exc}"))
+            torch.cuda.empty_cache()
+        except RuntimeError as exc:
+            if self.device.type == "cuda" and "CUDA error" in str(exc):
+                self._dead = exc  # a device-side error poisons the context
+                raise BackendDeadError(str(exc)) from exc
+            log.exception("forward pass failed")
+            for t in owners:
+                failed.setdefault(t, BackendError(f"forward pass failed: {exc}"))
+        return None
+
+    def _forward_groups(self, segments: list[_Segment], offset: int = 0) -> list[list[_Segment]]:
         """Batch segments (longest first) under the budgets, but only with company of
         about the same length: padding is computed like real tokens, and on a
-        compute-bound device it costs more than the larger batch saves."""
+        compute-bound device it costs more than the larger batch saves. `offset`
+        leading tokens come from a shared prefix and are not forwarded again."""
         order = sorted(segments, key=lambda s: len(s.ids), reverse=True)
         groups: list[list[_Segment]] = []
         width = rows = tokens = 0
         for seg in order:
-            n, r = len(seg.ids), len(set(seg.sources))
+            n, r = len(seg.ids) - offset, len(set(seg.sources))
             size = len(groups[-1]) + 1 if groups else 1
             if (
                 groups
@@ -314,8 +390,26 @@ class HFBackend(Backend):
         return groups
 
     @torch.inference_mode()
-    def _forward(self, group: list[_Segment]) -> torch.Tensor:
-        """Log-probabilities (float32, CPU) of every segment's targets, in segment order."""
+    def _prefix(self, seg: _Segment, length: int):
+        """Keys and values of `seg`'s first `length` tokens (plain causal attention)."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        self._decoder(
+            input_ids=torch.tensor([seg.ids[:length]], device=self.device),
+            position_ids=torch.tensor([seg.positions[:length]], device=self.device),
+            past_key_values=cache,
+            use_cache=True,
+        )
+        return cache
+
+    @torch.inference_mode()
+    def _forward(self, group: list[_Segment], offset: int = 0, prefix=None) -> torch.Tensor:
+        """Log-probabilities (float32, CPU) of every segment's targets, in segment order.
+
+        With `prefix` (the cache of the group's shared first `offset` tokens) only
+        the tokens after it are forwarded, attending to it as well as to themselves.
+        """
         n = max(len(seg.ids) for seg in group)
         ids = torch.zeros(len(group), n, dtype=torch.long)
         positions = torch.zeros(len(group), n, dtype=torch.long)
@@ -323,23 +417,30 @@ class HFBackend(Backend):
             ids[b, : len(seg.ids)] = torch.tensor(seg.ids)
             positions[b, : len(seg.ids)] = torch.tensor(seg.positions)
         if self.strategy == "packed":
-            attention = _packed_mask(group, n, self.device)
+            # Rows after the prefix see all of it (the share plan guarantees that).
+            attention = _packed_mask(group, n, self.device)[:, :, offset:]
         else:
             attention = torch.zeros(len(group), n, dtype=torch.long)
             for b, seg in enumerate(group):
                 attention[b, : len(seg.ids)] = 1
             attention = attention.to(self.device)
+        cache = None
+        if prefix is not None:
+            cache = copy.deepcopy(prefix)
+            cache.batch_repeat_interleave(len(group))
         hidden = self._decoder(
-            input_ids=ids.to(self.device),
+            input_ids=ids[:, offset:].to(self.device),
             attention_mask=attention,
-            position_ids=positions.to(self.device),
-            use_cache=False,
+            position_ids=positions[:, offset:].to(self.device),
+            past_key_values=cache,
+            use_cache=cache is not None,
         ).last_hidden_state
         # Project only the rows that predict a reference token (several targets may
         # share a row: every reference's first token is predicted by the probe's end).
+        width = n - offset
         rows, tokens = [], []
         for b, seg in enumerate(group):
-            rows += [b * n + s for s in seg.sources]
+            rows += [b * width + s - offset for s in seg.sources]
             tokens += seg.targets
         unique, inverse = torch.unique(torch.tensor(rows), return_inverse=True)
         logits = self._logits(hidden.reshape(-1, hidden.shape[-1])[unique.to(self.device)])
