@@ -3,15 +3,19 @@
     .venv/bin/python benchmarks/bench_backends.py [--device cpu] [--items 16] [--clients 1,8,32]
 
 Part 1 scores the workload of `benchmarks.workload.workload` (SmolLM2, float32,
-16 trajectories of 10-30 steps with 1-3 references) with each strategy, in one
-process, one after the other: hf per-prefix, hf packed, vllm without prefix
-reuse, vllm with prefix reuse, and vllm-remote through a real vLLM server on
-loopback. Each figure is one timed run after a warm-up item; every strategy's
+16 trajectories of 10-30 steps with 1-3 references, laid out as a GRPO batch: 4
+questions x 4 rollouts) with each strategy, in one process, one after the
+other: hf per-prefix, hf packed without and with shared-prefix reuse, vllm
+without prefix reuse, vllm with prefix reuse, and vllm-remote through a real
+vLLM server on loopback. Each figure is one timed run after a warm-up item; every strategy's
 numbers are checked against hf packed (SPEC 8: 2e-3 across backends).
 
 Part 2 starts `stepcredit serve` (hf packed) and sends one-item requests from
-1, 8 and 32 concurrent clients (the same number of requests at each level),
-reporting items/s, p50/p99 latency and every non-200 answer.
+1, 8 and 32 concurrent clients (the same number of requests at each level, in
+workload order, so concurrent clients send rollouts of the same question as a
+trainer's reward workers do), reporting items/s, p50/p99 latency and every
+non-200 answer. The same is repeated with 16 distinct questions (no group
+structure) at 1 and 8 clients, to show what batching gains without it.
 
 Writes benchmarks/results/backends_<device>.json and backends_<device>.png.
 """
@@ -44,6 +48,8 @@ from stepcredit.protocol import ScoreItem  # noqa: E402
 from stepcredit.verify import VerifierPool  # noqa: E402
 
 TOL = 2e-3
+GRPO = "GRPO groups of 4"
+DISTINCT = "distinct questions"
 
 
 def free_port() -> int:
@@ -102,6 +108,7 @@ async def strategies(args, model: Path, items: list[ScoreItem]) -> list[dict]:
     server = None
     plans = [
         ("hf per-prefix", lambda: HFBackend(model, strategy="per-prefix", device=args.device)),
+        ("hf packed, no sharing", lambda: HFBackend(model, strategy="packed", device=args.device, share_min_tokens=0)),
         ("hf packed", lambda: HFBackend(model, strategy="packed", device=args.device)),
     ]
     try:
@@ -166,7 +173,7 @@ async def strategies(args, model: Path, items: list[ScoreItem]) -> list[dict]:
     return rows
 
 
-async def load(args, items: list[ScoreItem]) -> list[dict]:
+async def load(args, items: list[ScoreItem], clients_levels: list[int], label: str) -> list[dict]:
     port = free_port()
     env = {**os.environ, "STEPCREDIT_PORT": str(port), "STEPCREDIT_DEVICE": args.device}
     proc = subprocess.Popen([str(Path(sys.executable).parent / "stepcredit"), "serve"], env=env,
@@ -178,7 +185,7 @@ async def load(args, items: list[ScoreItem]) -> list[dict]:
         bodies = [{"items": [item.model_dump(exclude_none=True)]} for item in items]
         async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=64)) as client:
             await client.post("/v1/score", json=bodies[0])  # warm-up
-            for clients in args.clients:
+            for clients in clients_levels:
                 latencies, statuses = [], []
                 queue = list(range(args.requests))
 
@@ -196,6 +203,7 @@ async def load(args, items: list[ScoreItem]) -> list[dict]:
                 latencies.sort()
                 rows.append(
                     {
+                        "workload": label,
                         "clients": clients,
                         "requests": len(statuses),
                         "non_200": sum(s != 200 for s in statuses),
@@ -205,7 +213,7 @@ async def load(args, items: list[ScoreItem]) -> list[dict]:
                         "seconds": seconds,
                     }
                 )
-                print(f"-- {clients} clients: {rows[-1]['items_per_s']:.3f} items/s", file=sys.stderr, flush=True)
+                print(f"-- {label}, {clients} clients: {rows[-1]['items_per_s']:.3f} items/s", file=sys.stderr, flush=True)
     finally:
         proc.terminate()
         proc.wait(60)
@@ -228,15 +236,20 @@ def plot(report: dict, path: Path) -> None:
     left.set_title(f"Strategies: {report['model']}, {report['device']}, {report['workload']['items']} trajectories")
     left.invert_yaxis()
     left.set_xlim(0, max(r["items_per_s"] for r in rows) * 1.6)
-    load_rows = report["service_load"]
+    all_load = report["service_load"]
+    load_rows = [r for r in all_load if r.get("workload", GRPO) == GRPO]
     if load_rows:
         clients = [r["clients"] for r in load_rows]
-        right.plot(clients, [r["items_per_s"] for r in load_rows], "o-", label="items/s")
+        right.plot(clients, [r["items_per_s"] for r in load_rows], "o-", label=f"items/s ({GRPO})")
+        distinct = [r for r in all_load if r.get("workload") == DISTINCT]
+        if distinct:
+            right.plot([r["clients"] for r in distinct], [r["items_per_s"] for r in distinct], "o:", color="#8c8c8c",
+                       label=f"items/s ({DISTINCT})")  # fmt: skip
         right.set_xscale("log", base=2)
         right.set_xticks(clients, [str(c) for c in clients])
         right.set_xlabel("concurrent clients")
         right.set_ylabel("items/s")
-        right.set_ylim(bottom=0, top=max(r["items_per_s"] for r in load_rows) * 1.3)
+        right.set_ylim(bottom=0, top=max(r["items_per_s"] for r in all_load) * 1.4)
         twin = right.twinx()
         twin.plot(clients, [r["p50_s"] for r in load_rows], "s--", color="#dd8452", label="p50 latency")
         twin.plot(clients, [r["p99_s"] for r in load_rows], "^--", color="#c44e52", label="p99 latency")
@@ -266,6 +279,7 @@ def main() -> None:
 
     model = ensure_default_model(Settings().cache_dir)
     items = [ScoreItem(**i) for i in workload(n=args.items, seed=args.seed)]
+    distinct = [ScoreItem(**i) for i in workload(n=args.items, group=1, seed=args.seed)]
     report = {
         "benchmark": "backends",
         "model": "SmolLM2-135M-Instruct",
@@ -274,7 +288,8 @@ def main() -> None:
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "python": platform.python_version()},
         "workload": {"items": len(items), "seed": args.seed, "requests_per_load_level": args.requests},
         "strategies": asyncio.run(strategies(args, model, items)),
-        "service_load": [] if args.skip_load else asyncio.run(load(args, items)),
+        "service_load": [] if args.skip_load else asyncio.run(load(args, items, args.clients, GRPO))
+        + asyncio.run(load(args, distinct, [c for c in args.clients if c <= 8], DISTINCT)),
     }
     print(f"{'strategy':<18} {'items/s':>8} {'seconds':>8} {'tokens':>8} {'vs min*':>8} {'vs per-prefix':>13} {'max |Δ|':>9}")
     for r in report["strategies"]:
@@ -282,7 +297,7 @@ def main() -> None:
         diff = f"{r['max_abs_diff_vs_hf_packed']:.1e}" if r["max_abs_diff_vs_hf_packed"] is not None else "-"
         print(f"{r['strategy']:<18} {r['items_per_s']:8.3f} {r['seconds']:8.1f} {r['tokens_forwarded']:8d} {r['tokens_vs_min_shared']:8.2f} {ratio:>13} {diff:>9}")
     for r in report["service_load"]:
-        print(f"{r['clients']:>3} clients: {r['items_per_s']:.3f} items/s, p50 {r['p50_s']:.2f} s, p99 {r['p99_s']:.2f} s, non-200: {r['non_200']}/{r['requests']}")
+        print(f"{r['workload']:<20} {r['clients']:>3} clients: {r['items_per_s']:.3f} items/s, p50 {r['p50_s']:.2f} s, p99 {r['p99_s']:.2f} s, non-200: {r['non_200']}/{r['requests']}")
     results = ROOT / "benchmarks" / "results"
     (results / f"backends_{args.device}.json").write_text(json.dumps(report, indent=2) + "\n")
     plot(report, results / f"backends_{args.device}.png")
