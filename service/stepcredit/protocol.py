@@ -143,7 +143,8 @@ class Usage(BaseModel):
     reference_probes: int = 0
     """(probe, reference) pairs whose likelihood was computed."""
     tokens_forwarded: int = 0
-    """Tokens that went through the model, padding excluded."""
+    """Tokens that went through the model, padding excluded; a prefix shared with other
+    trajectories of the batch is split among them."""
     forward_passes: int = 0
 
 
