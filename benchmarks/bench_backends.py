@@ -7,15 +7,18 @@ Part 1 scores the workload of `benchmarks.workload.workload` (SmolLM2, float32,
 questions x 4 rollouts) with each strategy, in one process, one after the
 other: hf per-prefix, hf packed without and with shared-prefix reuse, vllm
 without prefix reuse, vllm with prefix reuse, and vllm-remote through a real
-vLLM server on loopback. Each figure is one timed run after a warm-up item; every strategy's
+vLLM server on loopback. Each figure is the best of 3 timed runs (1 run for strategies
+slower than 1 minute) after a warm-up item; every strategy's
 numbers are checked against hf packed (SPEC 8: 2e-3 across backends).
 
 Part 2 starts `stepcredit serve` (hf packed) and sends one-item requests from
 1, 8 and 32 concurrent clients (the same number of requests at each level, in
 workload order, so concurrent clients send rollouts of the same question as a
 trainer's reward workers do), reporting items/s, p50/p99 latency and every
-non-200 answer. The same is repeated with 16 distinct questions (no group
-structure) at 1 and 8 clients, to show what batching gains without it.
+non-200 answer. The same is repeated at 1 and 8 clients with 16 distinct questions
+(no group structure), and on the groups with a second server that does not share
+prefixes (STEPCREDIT_SHARE_MIN_TOKENS=0), to show where the batching gain comes from.
+Levels are interleaved over 3 rounds; items/s is the median round.
 
 Writes benchmarks/results/backends_<device>.json and backends_<device>.png.
 """
@@ -50,6 +53,7 @@ from stepcredit.verify import VerifierPool  # noqa: E402
 TOL = 2e-3
 GRPO = "GRPO groups of 4"
 DISTINCT = "distinct questions"
+GRPO_PLAIN = "GRPO groups, no prefix sharing"
 
 
 def free_port() -> int:
@@ -140,16 +144,20 @@ async def strategies(args, model: Path, items: list[ScoreItem]) -> list[dict]:
             scorer = Scorer(backend, settings, verifier=verifier)
             await backend.start()
             await scorer.score(items[:1])  # warm-up
-            t0 = time.perf_counter()
-            batch = await scorer.score(items)
-            seconds = time.perf_counter() - t0
-            assert all(r.status == "ok" for r in batch.results), [r.error for r in batch.results if r.error]
+            runs = []
+            while not runs or (len(runs) < args.repeats and runs[0] < args.repeat_under):
+                t0 = time.perf_counter()
+                batch = await scorer.score(items)
+                runs.append(time.perf_counter() - t0)
+                assert all(r.status == "ok" for r in batch.results), [r.error for r in batch.results if r.error]
+            seconds = min(runs)
             if name == "hf packed":
                 reference = batch
             rows.append(
                 {
                     "strategy": name,
                     "seconds": seconds,
+                    "runs_s": runs,
                     "items_per_s": len(items) / seconds,
                     "tokens_forwarded": batch.usage.tokens_forwarded,
                     "resubmissions": getattr(backend, "resubmissions", 0),
@@ -173,51 +181,77 @@ async def strategies(args, model: Path, items: list[ScoreItem]) -> list[dict]:
     return rows
 
 
-async def load(args, items: list[ScoreItem], clients_levels: list[int], label: str) -> list[dict]:
-    port = free_port()
-    env = {**os.environ, "STEPCREDIT_PORT": str(port), "STEPCREDIT_DEVICE": args.device}
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "stepcredit"), "serve"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    rows = []
+async def load(args, plans: list[tuple[str, list[ScoreItem], list[int], dict]]) -> list[dict]:
+    """Each (workload, clients) level `args.rounds` times, levels interleaved within a
+    round so that drift of a shared machine hits all of them alike; items/s is the
+    median over rounds, latencies are pooled over rounds. Each plan's dict holds
+    environment overrides for its server (plans with the same overrides share one)."""
+    servers: dict[str, tuple[subprocess.Popen, str]] = {}
+    runs: dict[tuple[str, int], list[dict]] = {}
     try:
-        wait_http(f"{url}/ready", proc, 300)
-        bodies = [{"items": [item.model_dump(exclude_none=True)]} for item in items]
-        async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=64)) as client:
-            await client.post("/v1/score", json=bodies[0])  # warm-up
-            for clients in clients_levels:
-                latencies, statuses = [], []
-                queue = list(range(args.requests))
-
-                async def worker():
-                    while queue:
-                        i = queue.pop()
-                        t0 = time.perf_counter()
-                        response = await client.post("/v1/score", json=bodies[i % len(bodies)])
-                        latencies.append(time.perf_counter() - t0)
-                        statuses.append(response.status_code)
-
-                t0 = time.perf_counter()
-                await asyncio.gather(*(worker() for _ in range(clients)))
-                seconds = time.perf_counter() - t0
-                latencies.sort()
-                rows.append(
-                    {
-                        "workload": label,
-                        "clients": clients,
-                        "requests": len(statuses),
-                        "non_200": sum(s != 200 for s in statuses),
-                        "items_per_s": len(statuses) / seconds,
-                        "p50_s": statistics.median(latencies),
-                        "p99_s": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
-                        "seconds": seconds,
-                    }
-                )
-                print(f"-- {label}, {clients} clients: {rows[-1]['items_per_s']:.3f} items/s", file=sys.stderr, flush=True)
+        for _, _, _, overrides in plans:
+            key = json.dumps(overrides, sort_keys=True)
+            if key not in servers:
+                port = free_port()
+                env = {**os.environ, **overrides, "STEPCREDIT_PORT": str(port), "STEPCREDIT_DEVICE": args.device}
+                proc = subprocess.Popen([str(Path(sys.executable).parent / "stepcredit"), "serve"], env=env,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+                servers[key] = (proc, f"http://127.0.0.1:{port}")
+                wait_http(f"{servers[key][1]}/ready", proc, 300)
+        limits = httpx.Limits(max_connections=64)
+        async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+            for _, items, _, overrides in plans:
+                url = servers[json.dumps(overrides, sort_keys=True)][1]
+                await client.post(f"{url}/v1/score", json={"items": [items[0].model_dump(exclude_none=True)]})  # warm-up
+            for round_ in range(args.rounds):
+                for label, items, levels, overrides in plans:
+                    url = servers[json.dumps(overrides, sort_keys=True)][1]
+                    bodies = [{"items": [item.model_dump(exclude_none=True)]} for item in items]
+                    for clients in levels:
+                        run = await _load_level(client, f"{url}/v1/score", bodies, clients, args.requests)
+                        runs.setdefault((label, clients), []).append(run)
+                        print(f"-- round {round_ + 1}, {label}, {clients} clients: {len(run['latencies']) / run['seconds']:.3f} items/s",
+                              file=sys.stderr, flush=True)  # fmt: skip
     finally:
-        proc.terminate()
-        proc.wait(60)
+        for proc, _ in servers.values():
+            proc.terminate()
+            proc.wait(60)
+    rows = []
+    for (label, clients), level in runs.items():
+        latencies = sorted(x for run in level for x in run["latencies"])
+        rates = [len(run["latencies"]) / run["seconds"] for run in level]
+        rows.append(
+            {
+                "workload": label,
+                "clients": clients,
+                "rounds": len(level),
+                "requests": len(latencies),
+                "non_200": sum(run["non_200"] for run in level),
+                "items_per_s": statistics.median(rates),
+                "items_per_s_rounds": rates,
+                "p50_s": statistics.median(latencies),
+                "p99_s": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+            }
+        )
     return rows
+
+
+async def _load_level(client: httpx.AsyncClient, url: str, bodies: list[dict], clients: int, requests: int) -> dict:
+    """`requests` one-item requests in workload order from `clients` concurrent clients."""
+    latencies, statuses = [], []
+    queue = list(range(requests))[::-1]
+
+    async def worker():
+        while queue:
+            i = queue.pop()
+            t0 = time.perf_counter()
+            response = await client.post(url, json=bodies[i % len(bodies)])
+            latencies.append(time.perf_counter() - t0)
+            statuses.append(response.status_code)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    return {"seconds": time.perf_counter() - t0, "latencies": latencies, "non_200": sum(s != 200 for s in statuses)}
 
 
 def plot(report: dict, path: Path) -> None:
@@ -241,10 +275,11 @@ def plot(report: dict, path: Path) -> None:
     if load_rows:
         clients = [r["clients"] for r in load_rows]
         right.plot(clients, [r["items_per_s"] for r in load_rows], "o-", label=f"items/s ({GRPO})")
-        distinct = [r for r in all_load if r.get("workload") == DISTINCT]
-        if distinct:
-            right.plot([r["clients"] for r in distinct], [r["items_per_s"] for r in distinct], "o:", color="#8c8c8c",
-                       label=f"items/s ({DISTINCT})")  # fmt: skip
+        for label, color in ((DISTINCT, "#8c8c8c"), (GRPO_PLAIN, "#55a868")):
+            other = [r for r in all_load if r.get("workload") == label]
+            if other:
+                right.plot([r["clients"] for r in other], [r["items_per_s"] for r in other], "o:", color=color,
+                           label=f"items/s ({label})")  # fmt: skip
         right.set_xscale("log", base=2)
         right.set_xticks(clients, [str(c) for c in clients])
         right.set_xlabel("concurrent clients")
@@ -268,7 +303,10 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--clients", default="1,8,32", type=lambda s: [int(c) for c in s.split(",")])
-    parser.add_argument("--requests", type=int, default=32, help="requests per load level")
+    parser.add_argument("--requests", type=int, default=32, help="requests per load level and round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of every load level (median reported)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each fast strategy (best reported)")
+    parser.add_argument("--repeat-under", type=float, default=60.0, help="repeat strategies whose run took less (s)")
     parser.add_argument("--skip-per-prefix", action="store_true", help="skip the slowest strategy")
     parser.add_argument("--skip-load", action="store_true")
     parser.add_argument("--plot-only", type=Path, help="redraw the PNG from a results JSON and exit")
@@ -286,16 +324,24 @@ def main() -> None:
         "device": args.device,
         "dtype": "float32",
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "python": platform.python_version()},
-        "workload": {"items": len(items), "seed": args.seed, "requests_per_load_level": args.requests},
+        "workload": {"items": len(items), "seed": args.seed, "requests_per_load_level": args.requests, "load_rounds": args.rounds},
         "strategies": asyncio.run(strategies(args, model, items)),
-        "service_load": [] if args.skip_load else asyncio.run(load(args, items, args.clients, GRPO))
-        + asyncio.run(load(args, distinct, [c for c in args.clients if c <= 8], DISTINCT)),
+        "service_load": [] if args.skip_load else asyncio.run(
+            load(
+                args,
+                [
+                    (GRPO, items, args.clients, {}),
+                    (DISTINCT, distinct, [c for c in args.clients if c <= 8], {}),
+                    (GRPO_PLAIN, items, [c for c in args.clients if c <= 8], {"STEPCREDIT_SHARE_MIN_TOKENS": "0"}),
+                ],
+            )
+        ),
     }
-    print(f"{'strategy':<18} {'items/s':>8} {'seconds':>8} {'tokens':>8} {'vs min*':>8} {'vs per-prefix':>13} {'max |Δ|':>9}")
+    print(f"{'strategy':<22} {'items/s':>8} {'seconds':>8} {'tokens':>8} {'vs min*':>8} {'vs per-prefix':>13} {'max |Δ|':>9}")
     for r in report["strategies"]:
         ratio = f"{r['vs_hf_per_prefix']:.1f}x" if r["vs_hf_per_prefix"] else "-"
         diff = f"{r['max_abs_diff_vs_hf_packed']:.1e}" if r["max_abs_diff_vs_hf_packed"] is not None else "-"
-        print(f"{r['strategy']:<18} {r['items_per_s']:8.3f} {r['seconds']:8.1f} {r['tokens_forwarded']:8d} {r['tokens_vs_min_shared']:8.2f} {ratio:>13} {diff:>9}")
+        print(f"{r['strategy']:<22} {r['items_per_s']:8.3f} {r['seconds']:8.1f} {r['tokens_forwarded']:8d} {r['tokens_vs_min_shared']:8.2f} {ratio:>13} {diff:>9}")
     for r in report["service_load"]:
         print(f"{r['workload']:<20} {r['clients']:>3} clients: {r['items_per_s']:.3f} items/s, p50 {r['p50_s']:.2f} s, p99 {r['p99_s']:.2f} s, non-200: {r['non_200']}/{r['requests']}")
     results = ROOT / "benchmarks" / "results"
