@@ -83,19 +83,15 @@ async def test_packed_splits_trajectories_over_small_token_budgets(tiny_model_pa
     assert packed.usage.forward_passes > len(items)
 
 
-async def test_a_grpo_group_computes_its_shared_prompt_once_with_the_same_numbers(tiny_model_path, settings, verifier):
+async def test_a_grpo_group_computes_its_shared_prompt_once_with_the_same_numbers(
+    tiny_model_path, tokenizer, settings, verifier
+):
     items = workload(n=8, group=4, min_steps=3, max_steps=8, seed=4)
     shared, reference = await score_both(tiny_model_path, settings, verifier, items)
     assert_same(shared, reference)
     plain, _ = await score_both(tiny_model_path, settings, verifier, items, share_min_tokens=0)
     assert_same(plain, reference)
     # Two groups of four rollouts: at least three copies of each question's prompt are saved.
-    prompt = len(HFBackend_tokenizer(tiny_model_path)(items[0]["prompt"])["input_ids"])
+    prompt = len(tokenizer(items[0]["prompt"])["input_ids"])
     assert plain.usage.tokens_forwarded - shared.usage.tokens_forwarded >= 2 * 3 * prompt
     assert shared.usage.forward_passes > plain.usage.forward_passes  # one more pass per shared prefix
-
-
-def HFBackend_tokenizer(path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
