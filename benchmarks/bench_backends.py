@@ -192,6 +192,7 @@ async def load(args, plans: list[tuple[str, list[ScoreItem], list[int], dict]]) 
     servers: dict[str, tuple[subprocess.Popen, str]] = {}
     runs: dict[tuple[str, int], list[dict]] = {}
     try:
+        urls = []  # per plan
         for _, _, _, overrides in plans:
             key = json.dumps(overrides, sort_keys=True)
             if key not in servers:
@@ -201,17 +202,16 @@ async def load(args, plans: list[tuple[str, list[ScoreItem], list[int], dict]]) 
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
                 servers[key] = (proc, f"http://127.0.0.1:{port}")
                 wait_http(f"{servers[key][1]}/ready", proc, 300)
+            urls.append(servers[key][1])
+        bodies = [[{"items": [item.model_dump(exclude_none=True)]} for item in items] for _, items, _, _ in plans]
         limits = httpx.Limits(max_connections=64)
         async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-            for _, items, _, overrides in plans:
-                url = servers[json.dumps(overrides, sort_keys=True)][1]
-                await client.post(f"{url}/v1/score", json={"items": [items[0].model_dump(exclude_none=True)]})  # warm-up
+            for url, plan_bodies in zip(urls, bodies):
+                await client.post(f"{url}/v1/score", json=plan_bodies[0])  # warm-up
             for round_ in range(args.rounds):
-                for label, items, levels, overrides in plans:
-                    url = servers[json.dumps(overrides, sort_keys=True)][1]
-                    bodies = [{"items": [item.model_dump(exclude_none=True)]} for item in items]
+                for (label, _, levels, _), url, plan_bodies in zip(plans, urls, bodies):
                     for clients in levels:
-                        run = await _load_level(client, f"{url}/v1/score", bodies, clients, args.requests)
+                        run = await _load_level(client, f"{url}/v1/score", plan_bodies, clients, args.requests)
                         runs.setdefault((label, clients), []).append(run)
                         print(f"-- round {round_ + 1}, {label}, {clients} clients: {len(run['latencies']) / run['seconds']:.3f} items/s",
                               file=sys.stderr, flush=True)  # fmt: skip
