@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.workload import workload  # noqa: E402
-from stepcredit.backends.hf import HFBackend, _common_prefix  # noqa: E402
+from stepcredit.backends.hf import HFBackend  # noqa: E402
+from stepcredit.backends.packing import common_prefix as _common_prefix  # noqa: E402
 from stepcredit.config import Settings  # noqa: E402
 from stepcredit.engine import Scorer  # noqa: E402
 from stepcredit.models import ensure_default_model  # noqa: E402

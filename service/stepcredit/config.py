@@ -110,6 +110,8 @@ class Settings(Limits):
     """Math-Verify worker processes."""
     verify_timeout_s: float = Field(5.0, gt=0, le=120)
     """Hard timeout per item for answer verification (default of the item option)."""
+    max_verify_timeout_s: float = Field(30.0, gt=0, le=120)
+    """Largest `verify_timeout_s` an item may use; larger asks are capped to it."""
     verify_memory_mb: int = Field(2048, ge=256, le=65536)
     """Address-space limit of each verify worker."""
 

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["StepCredit", "Credit", "mig_credit", "outcome_reward"]
+__all__ = ["StepCredit", "Credit", "NonFiniteError", "mig_credit", "outcome_reward"]
+
+
+class NonFiniteError(ValueError):
+    """A likelihood is NaN or infinite: no credit can be computed from it."""
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,11 @@ def mig_credit(logliks: Sequence[Sequence[float]]) -> Credit:
     """
     if not logliks or not logliks[0]:
         raise ValueError("need at least the baseline row with one reference")
+    # max() would quietly turn a NaN into a gain of 0 (max(0, nan) is 0).
+    for k, row in enumerate(logliks):
+        for v, value in enumerate(row):
+            if not math.isfinite(value):
+                raise NonFiniteError(f"log-likelihood of reference {v} after probe {k} is {value}")
     baseline, baseline_ref = _best(logliks[0])
     watermark, total, steps = baseline, 0.0, []
     for row in logliks[1:]:

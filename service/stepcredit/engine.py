@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from .backends.base import Backend
+from .backends.base import Backend, BackendDeadError
 from .batching import Batcher, Overloaded
 from .config import Settings
-from .credit import mig_credit, outcome_reward
+from .credit import NonFiniteError, mig_credit, outcome_reward
 from .probes import ProbeError, TrajectoryProbes, check_completion_ids, ids_probes, text_probes
 from .protocol import ItemOptions, ScoreItem, ScoreResult, StepResult, Usage
 from .structure import (
@@ -71,6 +72,8 @@ def resolve_options(settings: Settings, *layers: ItemOptions | None) -> Resolved
     for layer in layers:
         if layer is not None:
             merged.update(layer.model_dump(exclude_none=True))
+    # One item's slow answer may not hold a verify worker longer than the server allows.
+    merged["verify_timeout_s"] = min(merged["verify_timeout_s"], settings.max_verify_timeout_s)
     if merged["probe_prefix"] is None:
         defaults = {"think_answer": THINK_PROBE_PREFIX, "boxed": BOXED_PROBE_PREFIX}
         if merged["format"] not in defaults:
@@ -169,13 +172,28 @@ class Scorer:
             t0 = time.perf_counter()
             try:
                 out = await self.batcher.submit([prepared[i].probes for i in probe_owner])
-            except BaseException:
+            except Exception as exc:
+                if isinstance(exc, BackendDeadError | Overloaded):
+                    for task in verdicts.values():
+                        task.cancel()
+                    raise
+                # Only this batch failed: its items get an error, never a 500.
+                log.exception("backend batch failed")
+                logliks = {i: exc for i in probe_owner}
+            except BaseException:  # cancelled (the client went away)
                 for task in verdicts.values():
                     task.cancel()
                 raise
-            timings["backend_s"] = time.perf_counter() - t0
-            usage.tokens_forwarded, usage.forward_passes = out.tokens_forwarded, out.forward_passes
-            logliks = dict(zip(probe_owner, out.results))
+            else:
+                timings["backend_s"] = time.perf_counter() - t0
+                usage.tokens_forwarded, usage.forward_passes = out.tokens_forwarded, out.forward_passes
+                if len(out.results) != len(probe_owner):
+                    short = RuntimeError(
+                        f"the backend returned {len(out.results)} results for {len(probe_owner)} trajectories"
+                    )
+                    logliks = {i: short for i in probe_owner}
+                else:
+                    logliks = dict(zip(probe_owner, out.results, strict=True))
 
         results = []
         for i, p in enumerate(prepared):
@@ -265,7 +283,13 @@ class Scorer:
         self, p: _Prepared, logliks: list[list[float]] | Exception | None, verdict: Verdict
     ) -> ScoreResult:
         if isinstance(logliks, Exception):
-            return ScoreResult.failure(p.item.id, "backend_error", str(logliks))
+            return ScoreResult.failure(p.item.id, "backend_error", str(logliks) or type(logliks).__name__)
+        if p.probes is not None:
+            # A result for every probe and every reference, or none at all: a short
+            # answer must never read as "no chain of thought".
+            problem = _shape_problem(logliks, len(p.probes.contexts), len(p.probes.references))
+            if problem:
+                return ScoreResult.failure(p.item.id, "backend_error", problem)
         format_ok = p.structure.format_ok
         result = ScoreResult(
             id=p.item.id,
@@ -287,10 +311,13 @@ class Scorer:
         )
         if logliks is None:  # no COT region: no probes, K = 0
             return result
-        credit = mig_credit(logliks)
+        try:
+            credit = mig_credit(logliks)
+        except NonFiniteError as exc:  # e.g. float16 overflow: never a gain of 0 with status ok
+            return ScoreResult.failure(p.item.id, "backend_error", f"non-finite likelihood: {exc}")
         result.mig_reward = credit.mig_reward
         result.baseline_loglik = credit.baseline_loglik
-        for k, ((start, end), step) in enumerate(zip(p.steps, credit.steps)):
+        for k, ((start, end), step) in enumerate(zip(p.steps, credit.steps, strict=True)):
             token_start, token_end = p.token_spans[k] if p.token_spans else (None, None)
             result.steps.append(
                 StepResult(
@@ -306,3 +333,15 @@ class Scorer:
                 )
             )
         return result
+
+
+def _shape_problem(logliks: object, contexts: int, references: int) -> str | None:
+    if not isinstance(logliks, list) or len(logliks) != contexts:
+        got = len(logliks) if isinstance(logliks, list) else type(logliks).__name__
+        return f"the backend returned {got} probe results for {contexts} probes"
+    for k, row in enumerate(logliks):
+        if len(row) != references:
+            return f"the backend returned {len(row)} reference results for probe {k}, expected {references}"
+        if not all(isinstance(x, float | int) and math.isfinite(x) for x in row):
+            return f"non-finite likelihood after probe {k}: {row}"
+    return None

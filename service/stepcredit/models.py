@@ -9,6 +9,7 @@ every later load takes under a second.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -87,3 +88,21 @@ def resolve_model(model: str | None, cache_dir: Path) -> Path:
     if not (path / "config.json").is_file():
         raise ModelNotFound(f"{path} is not a local HF model folder (no config.json); models are never downloaded")
     return path
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+
+
+def weights_revision(path: Path) -> str:
+    """A short fingerprint of the weights in a model folder: the config and each
+    weight file's name, size and modification time. Rewriting the weights (a new
+    checkpoint of a live policy) changes it; reading it costs no pass over the data."""
+    digest = hashlib.sha256()
+    folder = Path(path)
+    for file in sorted(folder.iterdir()) if folder.is_dir() else [folder]:
+        if file.name == "config.json" or file.name.endswith(_WEIGHT_SUFFIXES):
+            stat = file.stat()
+            digest.update(f"{file.name}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
+            if file.name == "config.json":
+                digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]

@@ -1,15 +1,31 @@
 """Wire types of the scoring contract (SPEC sections 1 and 7).
 
-Shape checks live here (pydantic). Limits that depend on configuration are
-checked by `check_limits`, which names the offending field so the HTTP layer
-can answer 413/422 with a useful message.
+Shape checks live here (pydantic). A request is validated in two layers: the
+envelope (`items` a non-empty list, request `options`) is the request's own
+(HTTP 422 when it is wrong), and each item is validated on its own by
+`parse_items`, so a bad item becomes that item's `invalid_item` error, naming
+the field, while the other items are scored. Limits that depend on
+configuration are checked by `check_item`, which names the offending field.
+
+Every text field must be encodable as UTF-8 (JSON lets a request carry a lone
+surrogate such as "\ud800", which no tokenizer or JSON encoder accepts), and
+every number must be finite.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SkipValidation,
+    StrictInt,
+    ValidationError,
+    model_validator,
+)
 
 from .config import Limits
 
@@ -26,10 +42,26 @@ __all__ = [
     "ScoreResponse",
     "LimitError",
     "check_limits",
+    "check_item",
+    "parse_items",
+    "describe_validation_error",
 ]
 
 Format = Literal["think_answer", "boxed", "regex"]
 StepSplit = Literal["auto", "lines", "paragraphs", "markers"]
+
+
+def _utf8(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"text holds a lone surrogate at character {exc.start}: not valid Unicode") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_utf8)]
+"""A string that can be encoded (JSON allows lone surrogates; UTF-8 does not)."""
+Weight = Annotated[float, Field(ge=-1e6, le=1e6, allow_inf_nan=False)]
 
 
 class _Strict(BaseModel):
@@ -37,8 +69,8 @@ class _Strict(BaseModel):
 
 
 class ChatMessage(_Strict):
-    role: str = Field(min_length=1, max_length=64)
-    content: str
+    role: Text = Field(min_length=1, max_length=64)
+    content: Text
 
 
 class ItemOptions(_Strict):
@@ -46,25 +78,26 @@ class ItemOptions(_Strict):
     item, item-level options win over them."""
 
     format: Format | None = None
-    cot_pattern: str | None = None
+    cot_pattern: Text | None = None
     """`regex` format: pattern whose first capture group is the chain of thought."""
-    answer_pattern: str | None = None
+    answer_pattern: Text | None = None
     """`regex` format: pattern whose first capture group is the answer."""
     step_split: StepSplit | None = None
-    max_steps: int | None = Field(None, ge=1)
-    probe_prefix: str | None = Field(None, max_length=1000)
-    acc_weight: float | None = Field(None, ge=-1e6, le=1e6)
-    format_weight: float | None = Field(None, ge=-1e6, le=1e6)
-    verify_timeout_s: float | None = Field(None, gt=0, le=120)
+    max_steps: StrictInt | None = Field(None, ge=1)
+    probe_prefix: Text | None = Field(None, max_length=1000)
+    acc_weight: Weight | None = None
+    format_weight: Weight | None = None
+    verify_timeout_s: float | None = Field(None, gt=0, le=120, allow_inf_nan=False)
+    """Capped by the server's `max_verify_timeout_s`."""
 
 
 class ScoreItem(_Strict):
-    id: str | None = Field(None, max_length=512)
-    prompt: str | None = None
+    id: Text | None = Field(None, max_length=512)
+    prompt: Text | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=512)
-    completion: str
-    references: list[str] = Field(min_length=1)
-    completion_token_ids: list[int] | None = None
+    completion: Text
+    references: list[Text] = Field(min_length=1)
+    completion_token_ids: list[Annotated[StrictInt, Field(ge=0)]] | None = None
     options: ItemOptions | None = None
 
     @model_validator(mode="after")
@@ -77,7 +110,10 @@ class ScoreItem(_Strict):
 
 
 class ScoreRequest(_Strict):
-    items: list[ScoreItem] = Field(min_length=1)
+    """A batch of items. The schema documents each item's fields; items are
+    validated one at a time (`parse_items`), so a bad item fails alone."""
+
+    items: list[SkipValidation[ScoreItem]] = Field(min_length=1)
     options: ItemOptions | None = None
 
 
@@ -132,6 +168,9 @@ class ModelInfo(BaseModel):
     dtype: str
     vocab_size: int
     max_context: int
+    revision: str | None = None
+    """Fingerprint of the weights that scored (config, weight files' names, sizes and
+    modification times): it changes whenever new weights are loaded."""
 
 
 class Usage(BaseModel):
@@ -163,6 +202,54 @@ class LimitError(ValueError):
         self.field = field
 
 
+def describe_validation_error(exc: ValidationError, where: str = "", most: int = 3) -> str:
+    """The first few errors, each naming its field; never the input value (it may
+    be huge, non-finite or not encodable)."""
+    parts = []
+    for error in exc.errors(include_input=False, include_url=False)[:most]:
+        loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"])
+        field = f"{where}{loc}".lstrip(".") or where or "body"
+        parts.append(f"{field}: {error['msg']}")
+    more = exc.error_count() - most
+    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
+
+
+def _echo_id(raw: Any) -> str | None:
+    """The item's id, when it is one we can send back."""
+    item_id = raw.get("id") if isinstance(raw, dict) else None
+    if isinstance(item_id, str) and len(item_id) <= 512:
+        try:
+            return _utf8(item_id)
+        except ValueError:
+            return None
+    return None
+
+
+def parse_items(raw_items: list[Any], limits: Limits, where: str = "items") -> list[ScoreItem | ScoreResult]:
+    """Validate each raw item on its own: a ScoreItem, or that item's `invalid_item` result."""
+    out: list[ScoreItem | ScoreResult] = []
+    for i, raw in enumerate(raw_items):
+        here = f"{where}[{i}]"
+        if isinstance(raw, ScoreItem):
+            item = raw
+        elif not isinstance(raw, dict):
+            out.append(ScoreResult.failure(None, "invalid_item", f"{here}: an item must be a JSON object"))
+            continue
+        else:
+            try:
+                item = ScoreItem.model_validate(raw)
+            except ValidationError as exc:
+                out.append(ScoreResult.failure(_echo_id(raw), "invalid_item", describe_validation_error(exc, here)))
+                continue
+        try:
+            check_item(item, limits, here)
+        except LimitError as exc:
+            out.append(ScoreResult.failure(item.id, "invalid_item", str(exc)))
+            continue
+        out.append(item)
+    return out
+
+
 def check_limits(request: ScoreRequest, limits: Limits) -> None:
     if len(request.items) > limits.max_items_per_request:
         raise LimitError(
@@ -171,7 +258,8 @@ def check_limits(request: ScoreRequest, limits: Limits) -> None:
     if request.options is not None:
         check_options(request.options, limits, "options")
     for i, item in enumerate(request.items):
-        check_item(item, limits, f"items[{i}]")
+        if isinstance(item, ScoreItem):
+            check_item(item, limits, f"items[{i}]")
 
 
 def check_item(item: ScoreItem, limits: Limits, where: str) -> None:

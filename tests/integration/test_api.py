@@ -150,49 +150,140 @@ async def test_pathological_answer_times_out_verification_without_failing_the_it
 
 
 @pytest.mark.parametrize(
-    "body,field",
+    "bad,field",
     [
-        ({"items": [{"prompt": "p", "references": ["1"]}]}, "completion"),
-        ({"items": [{"completion": "c", "references": ["1"]}]}, "items"),
-        ({"items": [{"prompt": "p", "messages": [{"role": "user", "content": "x"}], "completion": "c", "references": ["1"]}]}, "items"),
-        ({"items": [{"prompt": "p", "completion": "c", "references": []}]}, "references"),
-        ({"items": [{"prompt": "p", "completion": "c", "references": ["  "]}]}, "items"),
-        ({"items": [{"prompt": "p", "completion": "c", "references": ["1"], "bogus": 1}]}, "bogus"),
-        ({"items": [{"prompt": "p", "completion": "c", "references": ["1"], "options": {"step_split": "words"}}]}, "step_split"),
-        ({"items": []}, "items"),
-        ({"items": "nope"}, "items"),
+        ({"prompt": "p", "references": ["1"]}, "items[0].completion"),
+        ({"completion": "c", "references": ["1"]}, "items[0]: Value error, give exactly one of `prompt` or `messages`"),
+        ({"prompt": "p", "messages": [{"role": "user", "content": "x"}], "completion": "c", "references": ["1"]}, "exactly one of"),
+        ({"prompt": "p", "completion": "c", "references": []}, "items[0].references"),
+        ({"prompt": "p", "completion": "c", "references": ["  "]}, "blank"),
+        ({"prompt": "p", "completion": "c", "references": [False]}, "items[0].references[0]"),
+        ({"prompt": "p", "completion": 5, "references": ["1"]}, "items[0].completion"),
+        ({"prompt": "p", "completion": "c", "references": ["1"], "bogus": 1}, "items[0].bogus"),
+        ({"prompt": "p", "completion": "c", "references": ["1"], "options": {"step_split": "words"}}, "items[0].options.step_split"),
+        ({"prompt": "p", "completion": "c", "references": ["1"], "completion_token_ids": [True]}, "items[0].completion_token_ids[0]"),
+        ({"prompt": "p", "completion": "c", "references": ["1"], "completion_token_ids": [-1]}, "items[0].completion_token_ids[0]"),
+        ({"prompt": "p", "completion": "c", "references": ["1"], "options": {"acc_weight": "NaN"}}, "items[0].options.acc_weight"),
+        ("not an object", "items[0]: an item must be a JSON object"),
+        (None, "items[0]: an item must be a JSON object"),
     ],
 )
-async def test_malformed_request_is_422_naming_the_field(client, body, field):
-    response = await client.post("/v1/score", json=body)
-    assert response.status_code == 422
-    assert field in response.text
+async def test_a_bad_item_is_its_own_invalid_item_error_and_the_others_are_scored(client, bad, field):
+    body = await score(client, bad, GOOD)
+    first, second = body["results"]
+    assert first["status"] == "error" and first["error"]["code"] == "invalid_item"
+    assert field in first["error"]["message"]
+    assert first["outcome_reward"] is None and first["mig_reward"] is None
+    assert second["status"] == "ok" and second["id"] == "good" and second["correct"]
+    assert body["usage"]["items"] == 2 and body["usage"]["items_ok"] == 1 and body["usage"]["items_error"] == 1
 
 
-async def test_non_json_body_is_422(client):
-    response = await client.post("/v1/score", content=b"{not json", headers={"content-type": "application/json"})
-    assert response.status_code == 422
+async def test_a_bad_item_keeps_its_id_when_the_id_itself_is_fine(client):
+    body = await score(client, {"id": "mine", "prompt": "p", "completion": "c", "references": []})
+    (result,) = body["results"]
+    assert result["id"] == "mine" and result["error"]["code"] == "invalid_item"
+
+
+async def test_a_request_of_only_bad_items_answers_every_one_without_touching_the_model(client):
+    body = await score(client, {"prompt": "p"}, {"completion": "c"})
+    assert [r["error"]["code"] for r in body["results"]] == ["invalid_item", "invalid_item"]
+    assert body["usage"]["items_error"] == 2 and body["usage"]["forward_passes"] == 0
+
+
+RAW_GOOD = (
+    '{"id": "good", "prompt": "What is 2+3?", "completion": "<think>\\n2+3=5\\n</think><answer>5</answer>", '
+    '"references": ["5"]}'
+)
 
 
 @pytest.mark.parametrize(
-    "limits,item,status,field",
+    "raw_item,field",
     [
-        ({"max_items_per_request": 2}, None, 413, "items"),
-        ({"max_chars_per_item": 100}, {**GOOD, "completion": "x" * 200}, 422, "items[0]"),
-        ({"max_references_per_item": 1}, GOOD, 422, "items[0].references"),
-        ({"max_reference_chars": 3}, {**GOOD, "references": ["12345"]}, 422, "items[0].references[0]"),
-        ({"max_steps_limit": 10}, {**GOOD, "options": {"max_steps": 11}}, 422, "items[0].options.max_steps"),
-        ({"max_token_ids": 16}, {**GOOD, "completion_token_ids": list(range(17))}, 422, "items[0].completion_token_ids"),
+        # JSON may carry a lone surrogate; no tokenizer and no JSON encoder takes one.
+        ('{"prompt": "p", "completion": "<think>a\\ud800</think><answer>1</answer>", "references": ["1"]}', "items[0].completion"),
+        ('{"prompt": "p\\udfff", "completion": "c", "references": ["1"]}', "items[0].prompt"),
+        ('{"prompt": "p", "completion": "c", "references": ["1\\ud800"]}', "items[0].references[0]"),
+        ('{"id": "\\ud800", "prompt": "p", "completion": "c", "references": ["1"]}', "items[0].id"),
+        ('{"messages": [{"role": "user", "content": "\\ud800"}], "completion": "c", "references": ["1"]}', "items[0].messages[0].content"),
+        ('{"prompt": "p", "completion": "c", "references": ["1"], "options": {"probe_prefix": "\\ud800"}}', "items[0].options.probe_prefix"),
+        # Python's JSON reader turns 1e999 into inf and reads NaN / Infinity literals.
+        ('{"prompt": "p", "completion": "c", "references": ["1"], "options": {"acc_weight": 1e999}}', "items[0].options.acc_weight"),
+        ('{"prompt": "p", "completion": "c", "references": ["1"], "options": {"format_weight": NaN}}', "items[0].options.format_weight"),
+        ('{"prompt": "p", "completion": "c", "references": ["1"], "options": {"verify_timeout_s": Infinity}}', "items[0].options.verify_timeout_s"),
     ],
 )
-async def test_limits_answer_413_or_422_naming_the_field(tiny_scorer, settings, limits, item, status, field):
-    app = create_app(settings.model_copy(update=limits), scorer=tiny_scorer)
-    items = [GOOD] * 3 if item is None else [item]
-    async with asgi_client(app) as c:
-        response = await c.post("/v1/score", json={"items": items})
-    assert response.status_code == status
+async def test_unencodable_text_and_non_finite_numbers_are_item_errors_not_500(client, raw_item, field):
+    raw = f'{{"items": [{raw_item}, {RAW_GOOD}]}}'
+    response = await client.post("/v1/score", content=raw.encode(), headers={"content-type": "application/json"})
+    assert response.status_code == 200, response.text
+    first, second = response.json()["results"]
+    assert first["status"] == "error" and first["error"]["code"] == "invalid_item"
+    assert field in first["error"]["message"], first["error"]["message"]
+    assert first["id"] is None or first["id"] == "good"
+    assert second["status"] == "ok"
+
+
+@pytest.mark.parametrize(
+    "raw,field",
+    [
+        ('{"items": [], "options": {}}', "items"),
+        ('{"items": "nope"}', "items"),
+        ('{"item": []}', "items"),
+        ('[1, 2]', "body"),
+        ('{"items": [{}], "options": {"acc_weight": 1e999}}', "options.acc_weight"),
+        ('{"items": [{}], "options": {"acc_weight": NaN}}', "options.acc_weight"),
+        ('{"items": [{}], "options": {"probe_prefix": "\\ud800"}}', "options.probe_prefix"),
+        ('{"items": [{}], "options": {"step_split": "words"}}', "options.step_split"),
+        ('{not json', "body"),
+    ],
+)
+async def test_malformed_request_is_422_naming_the_field(client, raw, field):
+    response = await client.post("/v1/score", content=raw.encode(), headers={"content-type": "application/json"})
+    assert response.status_code == 422, response.text
     error = response.json()["error"]
-    assert error["code"] == "limit_exceeded" and error["field"] == field
+    assert error["code"] == "invalid_request" and error["field"].startswith(field), error
+
+
+async def test_openapi_still_documents_every_item_field(client):
+    schema = (await client.get("/openapi.json")).json()
+    body = schema["paths"]["/v1/score"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body["$ref"].endswith("/ScoreRequest")
+    request = schema["components"]["schemas"]["ScoreRequest"]
+    item = request["properties"]["items"]["items"]
+    if "$ref" in item:
+        item = schema["components"]["schemas"][item["$ref"].rsplit("/", 1)[1]]
+    assert {"id", "prompt", "messages", "completion", "references", "completion_token_ids", "options"} <= set(item["properties"])
+    assert set(item["required"]) == {"completion", "references"}
+
+
+@pytest.mark.parametrize(
+    "limits,item,field",
+    [
+        ({"max_chars_per_item": 140}, {**GOOD, "completion": "x" * 200}, "items[0]: prompt plus completion"),
+        ({"max_references_per_item": 1}, GOOD, "items[0].references: 2 references, limit 1"),
+        ({"max_reference_chars": 3}, {**GOOD, "references": ["12345"]}, "items[0].references[0]"),
+        ({"max_steps_limit": 10}, {**GOOD, "options": {"max_steps": 11}}, "items[0].options.max_steps"),
+        ({"max_token_ids": 16}, {**GOOD, "completion_token_ids": list(range(17))}, "items[0].completion_token_ids"),
+    ],
+)
+async def test_an_item_over_a_limit_is_an_item_error_naming_the_field(tiny_scorer, settings, limits, item, field):
+    app = create_app(settings.model_copy(update=limits), scorer=tiny_scorer)
+    within = {**GOOD, "id": "within", "references": ["5"]}
+    async with asgi_client(app) as c:
+        response = await c.post("/v1/score", json={"items": [item, within]})
+    assert response.status_code == 200, response.text
+    over, ok = response.json()["results"]
+    assert over["status"] == "error" and over["error"]["code"] == "invalid_item"
+    assert field in over["error"]["message"], over["error"]["message"]
+    assert ok["status"] == "ok" and ok["id"] == "within"
+
+
+async def test_too_many_items_is_413_for_the_request(tiny_scorer, settings):
+    app = create_app(settings.model_copy(update={"max_items_per_request": 2}), scorer=tiny_scorer)
+    async with asgi_client(app) as c:
+        response = await c.post("/v1/score", json={"items": [GOOD] * 3})
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "limit_exceeded" and response.json()["error"]["field"] == "items"
 
 
 async def test_body_over_the_byte_limit_is_413(tiny_scorer, settings):

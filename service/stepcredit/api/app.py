@@ -19,13 +19,24 @@ from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..backends import BackendDeadError, build_backend
 from ..config import Settings
-from ..engine import Overloaded, Scorer
-from ..protocol import LimitError, ModelInfo, ScoreRequest, ScoreResponse, check_limits
+from ..engine import Overloaded, ScoreBatch, Scorer
+from ..protocol import (
+    LimitError,
+    ModelInfo,
+    ScoreItem,
+    ScoreRequest,
+    ScoreResponse,
+    ScoreResult,
+    Usage,
+    check_limits,
+    parse_items,
+)
 from .compat import register_compat_routes
 from .metrics import Metrics
 
@@ -173,6 +184,16 @@ def create_app(
     async def _gone(request: Request, exc: _ClientGone) -> Response:
         return Response(status_code=499)  # nginx's "client closed request": nobody reads it
 
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's default body echoes the input, which may hold NaN or a lone
+        # surrogate that no JSON encoder writes (a 500 instead of the 422).
+        errors = exc.errors()
+        details = [{"field": _field(e), "message": e.get("msg", "")} for e in errors[:10]]
+        message = "; ".join(f"{d['field']}: {d['message']}" for d in details[:3])
+        field = details[0]["field"] if details else "body"
+        return _error(422, "invalid_request", message or "malformed request", field=field, errors=details)
+
     @app.exception_handler(LimitError)
     async def _limit(request: Request, exc: LimitError) -> JSONResponse:
         return _error(exc.status, "limit_exceeded", str(exc), field=exc.field)
@@ -197,8 +218,17 @@ def create_app(
         """Score a batch of items: MIG per step, outcome, gates and spans (SPEC section 7)."""
         current = ready_scorer()
         check_limits(request, limits)
+        # Each item is validated on its own: a bad one is its own `invalid_item` error.
+        parsed = parse_items(request.items, limits)
+        valid = [p for p in parsed if isinstance(p, ScoreItem)]
         started = time.perf_counter()
-        batch = await _unless_disconnected(raw, current.score(request.items, request.options))
+        batch = ScoreBatch([], Usage())
+        if valid:
+            batch = await _unless_disconnected(raw, current.score(valid, request.options))
+        scored = iter(batch.results)
+        batch.results = [p if isinstance(p, ScoreResult) else next(scored) for p in parsed]
+        batch.usage.items = len(batch.results)
+        batch.usage.items_error = len(batch.results) - batch.usage.items_ok
         metrics.request_latency.observe(time.perf_counter() - started)
         if "backend_s" in batch.timings:
             metrics.backend_latency.observe(batch.timings["backend_s"])
@@ -237,6 +267,14 @@ def create_app(
     app.add_middleware(_Guard, max_bytes=limits.max_request_bytes, metrics=metrics)
     register_compat_routes(app, ready_scorer, authorize, limits)
     return app
+
+
+def _field(error: dict) -> str:
+    """`items`, `options.acc_weight`, or `body` for the body as a whole."""
+    if error.get("type") == "json_invalid":
+        return "body"  # its location is a character offset
+    loc = [p for p in error.get("loc", ()) if p != "body"]
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "body"
 
 
 async def _unless_disconnected(request: Request, work):

@@ -12,12 +12,19 @@ Across the trajectories of one batch, `packed` also computes shared leading
 tokens once: segments whose first c tokens agree (a GRPO group's prompt, a
 common system prompt, the trunk of a trajectory split over several segments)
 get those tokens' keys and values from one forward pass of the prefix, and
-forward only their remainders on top of it. Which segments share what is
-chosen per batch to save the most tokens (`_share_plan`).
+forward only their remainders on top of it.
+
+What runs together is decided by the pure planner in `packing.py`; this module
+only executes the plan. `packed` is used only where the tree mask expresses the
+model's attention exactly (`packing_rule`): sliding-window layers shorter than a
+trajectory, hybrid or linear-attention layers and position scaling that depends
+on the row length send trajectories to `per-prefix`, under the model's own masks.
 
 Only the positions that predict a reference token are projected to the
 vocabulary, and log-probabilities are computed in float32 whatever the model
-dtype.
+dtype. At load, that projection is checked against the model's own forward
+logits (`check_head`), so a head with scaling the fast path misses is refused
+instead of giving silently different numbers.
 """
 
 from __future__ import annotations
@@ -27,16 +34,17 @@ import copy
 import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..probes import TrajectoryProbes
+from ..models import weights_revision
 from ..protocol import ModelInfo
 from .base import Backend, BackendDeadError, BackendError, BatchLogliks
+from .packing import PackingRule, Segment, plan_batch
 
-__all__ = ["HFBackend", "resolve_device"]
+__all__ = ["HFBackend", "resolve_device", "packing_rule", "HeadMismatchError"]
 
 log = logging.getLogger(__name__)
 
@@ -52,105 +60,66 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+# Config keys that only models with recurrent or linear-attention layers carry.
+_RECURRENT_KEYS = ("mamba", "ssm_", "linear_num", "linear_key", "conv_l_cache", "full_attn_idxs", "attn_layer_period")
+# Rotary scalings whose frequencies depend on the longest position in the forward pass.
+_ROW_DEPENDENT_ROPE = {"dynamic", "longrope"}
 
 
-@dataclass
-class _Segment:
-    """One row's worth of tokens with everything needed to mask and score them.
+def _rope_types(config) -> set[str]:
+    found: set[str] = set()
+    for name in ("rope_parameters", "rope_scaling"):
+        value = getattr(config, name, None)
+        stack = [value]
+        while stack:
+            item = stack.pop()
+            if isinstance(item, dict):
+                kind = item.get("rope_type", item.get("type"))
+                if isinstance(kind, str):
+                    found.add(kind)
+                stack += [v for v in item.values() if isinstance(v, dict)]
+    return found
 
-    Per token: `trunk` is its trunk index (-1 on branches), `limit` how many
-    trunk tokens it sees, `probe` / `ref` which branch it belongs to (-1: none).
-    Per target: the row that predicts it, the token, and its (traj, k, v) owner.
+
+def packing_rule(config) -> PackingRule:
+    """Where `packed`'s tree mask is exact for this model (see `PackingRule`).
+
+    The tree mask is one 4-D boolean mask for every layer: transformers uses a
+    custom 4-D mask as it is, so sliding windows are not applied, and a layer
+    with a recurrent state ignores the mask altogether.
     """
-
-    traj: int = -1
-    ids: list[int] = field(default_factory=list)
-    positions: list[int] = field(default_factory=list)
-    trunk: list[int] = field(default_factory=list)
-    limit: list[int] = field(default_factory=list)
-    probe: list[int] = field(default_factory=list)
-    ref: list[int] = field(default_factory=list)
-    sources: list[int] = field(default_factory=list)
-    targets: list[int] = field(default_factory=list)
-    owners: list[tuple[int, int, int]] = field(default_factory=list)
-
-    def push(self, token: int, position: int, trunk: int, limit: int, probe: int, ref: int) -> int:
-        self.ids.append(token)
-        self.positions.append(position)
-        self.trunk.append(trunk)
-        self.limit.append(limit)
-        self.probe.append(probe)
-        self.ref.append(ref)
-        return len(self.ids) - 1
-
-    def score(self, source: int, token: int, owner: tuple[int, int, int]) -> None:
-        self.sources.append(source)
-        self.targets.append(token)
-        self.owners.append(owner)
-
-    def shareable(self) -> int:
-        """How many leading tokens could come from a shared prefix pass: every later
-        token must see all of them, and every scored row must lie after them."""
-        if not self.sources:
-            return 0
-        seen = min((lim for lim, tr in zip(self.limit, self.trunk) if tr < 0), default=len(self.ids))
-        return max(0, min(seen, min(self.sources), len(self.ids) - 1))
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layer_types = list(getattr(text, "layer_types", None) or [])
+    other = sorted({t for t in layer_types if t not in ("full_attention", "sliding_attention")})
+    keys = [k for k in text.to_dict() if any(mark in k.lower() for mark in _RECURRENT_KEYS)]
+    if other or keys:
+        what = f"layer types {other}" if other else f"recurrent or linear-attention layers ({keys[0]})"
+        return PackingRule(packed=False, reason=f"{what}: the tree mask cannot express them")
+    ropes = _rope_types(text) & _ROW_DEPENDENT_ROPE
+    if ropes:
+        return PackingRule(
+            packed=False,
+            one_row=True,
+            reason=f"rotary scaling {sorted(ropes)} depends on the longest position in a forward pass",
+        )
+    window = getattr(text, "sliding_window", None)
+    if layer_types:
+        uses_window = "sliding_attention" in layer_types
+    else:
+        uses_window = bool(getattr(text, "use_sliding_window", True))
+    if window and uses_window:
+        return PackingRule(
+            window=int(window),
+            reason=f"sliding-window attention ({int(window)} tokens): longer trajectories run per-prefix",
+        )
+    return PackingRule()
 
 
-def _branch_cost(traj: TrajectoryProbes, k: int, cut: int) -> tuple[int, int]:
-    """(tokens, scored positions) that probe k adds to a packed segment."""
-    refs = sum(len(r) for r in traj.references)
-    return len(traj.contexts[k]) - cut + refs, refs
+class HeadMismatchError(RuntimeError):
+    """The fast vocabulary projection does not reproduce the model's own logits."""
 
 
-def _packed_segments(t: int, traj: TrajectoryProbes, max_tokens: int, max_rows: int) -> list[_Segment]:
-    """Group the probes of trajectory `t` into as few segments as the budgets allow."""
-    cuts = [_common_prefix(ctx, traj.trunk) for ctx in traj.contexts]
-    # A trunk longer than the budget would otherwise be repeated for every probe.
-    max_tokens = max(max_tokens, 2 * len(traj.trunk))
-    groups: list[list[int]] = []
-    tokens = rows = 0
-    for k, cut in enumerate(cuts):
-        add_tokens, add_rows = _branch_cost(traj, k, cut)
-        trunk_len = max([cut] + [cuts[j] for j in groups[-1]]) if groups else cut
-        if groups and trunk_len + tokens + add_tokens <= max_tokens and rows + add_rows <= max_rows:
-            groups[-1].append(k)
-            tokens, rows = tokens + add_tokens, rows + add_rows
-        else:
-            groups.append([k])
-            tokens, rows = add_tokens, add_rows
-    return [_build_packed(t, traj, group, cuts) for group in groups]
-
-
-def _build_packed(t: int, traj: TrajectoryProbes, probes: list[int], cuts: list[int]) -> _Segment:
-    seg = _Segment(traj=t)
-    trunk_len = max(cuts[k] for k in probes)
-    for i in range(trunk_len):
-        seg.push(traj.trunk[i], i, i, i + 1, -1, -1)
-    for k in probes:
-        cut, tail = cuts[k], traj.contexts[k][cuts[k] :]
-        # The row that predicts the first reference token: the probe's last token.
-        last = cut - 1
-        for i, token in enumerate(tail):
-            last = seg.push(token, cut + i, -1, cut, k, -1)
-        if last < 0:
-            raise BackendError("a probe has no context token to condition on")
-        start = cut + len(tail)
-        for v, ref in enumerate(traj.references):
-            prev = last
-            for i, token in enumerate(ref):
-                seg.score(prev, token, (t, k, v))
-                prev = seg.push(token, start + i, -1, cut, k, v)
-    return seg
-
-
-def _packed_mask(segments: Sequence[_Segment], n: int, device: torch.device) -> torch.Tensor:
+def _packed_mask(segments: Sequence[Segment], n: int, device: torch.device) -> torch.Tensor:
     """[B, 1, n, n] boolean tree mask; padding rows see only themselves."""
     meta = torch.full((5, len(segments), n), -1, dtype=torch.long)
     for b, seg in enumerate(segments):
@@ -173,53 +142,6 @@ def _packed_mask(segments: Sequence[_Segment], n: int, device: torch.device) -> 
     return mask[:, None]
 
 
-def _share_plan(segments: Sequence[_Segment], min_tokens: int) -> list[tuple[int, list[_Segment]]]:
-    """Partition segments into (shared prefix length, members) clusters.
-
-    Sorted by token ids, segments with long common prefixes are neighbours; a
-    cluster is a run of neighbours, and sharing c tokens among m of them saves
-    (m-1)·c tokens at the price of one more forward pass, counted as
-    `min_tokens`. Dynamic programming over the runs picks the partition that
-    saves the most. Clusters that share nothing have c = 0.
-    """
-    order = sorted(segments, key=lambda seg: seg.ids)
-    n = len(order)
-    cap = [seg.shareable() for seg in order]
-    neighbour = [_common_prefix(order[i].ids, order[i + 1].ids) for i in range(n - 1)]
-    best = [0] * (n + 1)  # best[j]: the largest saving over order[:j]
-    cut: list[tuple[int, int]] = [(0, 0)] * (n + 1)  # best[j]'s last cluster: (start, shared length)
-    for j in range(1, n + 1):
-        best[j], cut[j] = best[j - 1], (j - 1, 0)
-        shared = cap[j - 1]
-        for i in range(j - 2, -1, -1):  # the cluster order[i:j]
-            shared = min(shared, cap[i], neighbour[i])
-            if shared < max(min_tokens, 1):
-                break
-            saving = best[i] + (j - i - 1) * shared - min_tokens
-            if saving > best[j]:
-                best[j], cut[j] = saving, (i, shared)
-    clusters = []
-    j = n
-    while j > 0:
-        i, shared = cut[j]
-        clusters.append((shared, order[i:j]))
-        j = i
-    return clusters[::-1]
-
-
-def _per_prefix_segments(t: int, traj: TrajectoryProbes) -> list[_Segment]:
-    segments = []
-    for k, ctx in enumerate(traj.contexts):
-        if not ctx:
-            raise BackendError("a probe has no context token to condition on")
-        for v, ref in enumerate(traj.references):
-            seg = _Segment(traj=t, ids=[*ctx, *ref], positions=list(range(len(ctx) + len(ref))))
-            for i, token in enumerate(ref):
-                seg.score(len(ctx) - 1 + i, token, (t, k, v))
-            segments.append(seg)
-    return segments
-
-
 class HFBackend(Backend):
     def __init__(
         self,
@@ -234,11 +156,10 @@ class HFBackend(Backend):
         share_min_tokens: int = 32,
         name: str | None = None,
     ) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         if strategy not in ("packed", "per-prefix"):
             raise ValueError(f"unknown strategy {strategy!r}")
-        self.strategy = strategy
         self.device = resolve_device(device)
         self.dtype = _DTYPES[dtype]
         self.max_batch_tokens = max_batch_tokens
@@ -252,8 +173,12 @@ class HFBackend(Backend):
         self.max_padding = 0.02 if self.device.type == "cpu" else 0.2
         path = Path(model_path)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        # SDPA takes the boolean 4-D tree mask as it is.
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype, attn_implementation="sdpa")
+        # SDPA takes the boolean 4-D tree mask as it is. It ignores attention-logit
+        # soft-capping (Gemma 2) without a word, so such models run eager attention,
+        # which adds the mask to the scores: the tree mask is then given as 0 / -inf.
+        softcap = getattr(AutoConfig.from_pretrained(path).get_text_config(), "attn_logit_softcapping", None)
+        self.attention = "eager" if softcap else "sdpa"
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype, attn_implementation=self.attention)
         self.model.to(self.device).eval()
         # Hidden states come from the decoder and only the rows that predict a reference
         # token go through the vocabulary head: the full logits of a long packed row
@@ -261,15 +186,29 @@ class HFBackend(Backend):
         self._decoder = self.model.base_model
         self._head = self.model.get_output_embeddings()
         config = self.model.config
+        self.rule = packing_rule(config)
+        if self.rule.one_row:
+            self.max_batch_rows = 1
+        self.strategy = strategy
+        described = strategy
+        if strategy == "packed" and self.rule.reason:
+            if not self.rule.packed:
+                self.strategy = described = "per-prefix"
+                log.warning("packed falls back to per-prefix for this model: %s", self.rule.reason)
+            else:
+                described = f"packed (per-prefix beyond {self.rule.window} tokens)"
+                log.warning("packed is limited for this model: %s", self.rule.reason)
+        self.check_head()
         self.info = ModelInfo(
             name=name or config.name_or_path and Path(str(config.name_or_path)).name or path.name,
             path=str(path),
             backend="hf",
-            strategy=strategy,
+            strategy=described,
             device=str(self.device),
             dtype=dtype,
             vocab_size=int(config.vocab_size),
             max_context=int(getattr(config, "max_position_embeddings", 0) or 1 << 30),
+            revision=weights_revision(path),
         )
         # One thread owns the model: forward passes never overlap.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-forward")
@@ -292,48 +231,63 @@ class HFBackend(Backend):
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
+    @torch.inference_mode()
+    def check_head(self) -> None:
+        """Refuse a model whose logits the fast path (decoder rows, then `_logits`)
+        does not reproduce: compare both on a short input, as log-probabilities."""
+        ids = self.tokenizer("The answer is 42, since 6 times 7 is 42.", return_tensors="pt")["input_ids"]
+        ids = ids.to(self.device)
+        full = torch.log_softmax(self.model(input_ids=ids).logits[0].float(), dim=-1)
+        hidden = self._decoder(input_ids=ids).last_hidden_state[0]
+        fast = torch.log_softmax(self._logits(hidden), dim=-1)
+        gap = (full - fast).abs().max().item()
+        tolerance = 1e-3 if self.dtype == torch.float32 else 5e-2
+        if not gap <= tolerance:  # also catches NaN
+            raise HeadMismatchError(
+                f"{type(self.model).__name__}: the vocabulary projection StepCredit uses differs from the "
+                f"model's own logits by {gap:.3g} (tolerance {tolerance}); this head applies a transformation "
+                "the fast path does not reproduce, so its likelihoods would be wrong: refusing to load"
+            )
+
     # ----------------------------------------------------------- compute
 
     def compute(self, batch: Sequence[TrajectoryProbes]) -> BatchLogliks:
         """Blocking: ℓ_k(v) for every trajectory of the batch."""
+        plan = plan_batch(
+            batch,
+            strategy=self.strategy,
+            rule=self.rule,
+            max_tokens=self.max_batch_tokens,
+            max_logit_rows=self.max_logit_rows,
+            max_rows=self.max_batch_rows,
+            max_padding=self.max_padding,
+            share_min_tokens=self.share_min_tokens,
+        )
+        failed: dict[int, Exception] = {t: BackendError(reason) for t, reason in plan.failed.items()}
         sums = [[[0.0] * len(tr.references) for _ in tr.contexts] for tr in batch]
-        failed: dict[int, Exception] = {}
-        segments: list[_Segment] = []
-        for t, traj in enumerate(batch):
-            try:
-                if self.strategy == "packed":
-                    segments += _packed_segments(t, traj, self.max_batch_tokens, self.max_logit_rows)
-                else:
-                    segments += _per_prefix_segments(t, traj)
-            except BackendError as exc:
-                failed[t] = exc
-
         out = BatchLogliks(results=[], tokens=[0] * len(batch))
-        plan = [(0, segments)]
-        if self.strategy == "packed" and self.share_min_tokens > 0:
-            clusters = _share_plan(segments, self.share_min_tokens)
-            # Segments that share nothing are still batched with each other.
-            plan = [(0, [seg for shared, members in clusters if not shared for seg in members])]
-            plan += [(shared, members) for shared, members in clusters if shared]
-        for shared, members in plan:
+        for step in plan.passes:
             prefix = None
-            if shared:
+            if step.shared:
+                members = [seg for group in step.groups for seg in group]
                 owners = {seg.traj for seg in members}
-                prefix = self._guarded(self._prefix, members[0], shared, owners=owners, failed=failed)
+                prefix = self._guarded(self._prefix, members[0], step.shared, owners=owners, failed=failed)
                 if prefix is None:
                     continue
                 out.forward_passes += 1
                 # Each sharer is charged its part of the prefix; the total stays exact.
                 for i, seg in enumerate(members):
-                    out.tokens[seg.traj] += shared // len(members) + (i < shared % len(members))
-            for group in self._forward_groups(members, shared):
+                    out.tokens[seg.traj] += step.shared // len(members) + (i < step.shared % len(members))
+            for group in step.groups:
                 owners = {seg.traj for seg in group}
-                logprobs = self._guarded(self._forward, group, shared, prefix, owners=owners, failed=failed)
+                logprobs = self._guarded(
+                    self._forward, group, step.tree, step.shared, prefix, owners=owners, failed=failed
+                )
                 if logprobs is None:
                     continue
                 out.forward_passes += 1
                 for seg in group:
-                    out.tokens[seg.traj] += len(seg.ids) - shared
+                    out.tokens[seg.traj] += len(seg.ids) - step.shared
                 flat = iter(logprobs.tolist())
                 for seg in group:
                     for t, k, v in seg.owners:
@@ -344,7 +298,7 @@ class HFBackend(Backend):
                 out.results.append(failed[t])
                 continue
             lengths = [len(r) for r in traj.references]
-            out.results.append([[s / n for s, n in zip(row, lengths)] for row in sums[t]])
+            out.results.append([[s / n for s, n in zip(row, lengths, strict=True)] for row in sums[t]])
         return out
 
     def _guarded(self, fn, *args, owners: set[int], failed: dict[int, Exception]):
@@ -364,36 +318,13 @@ class HFBackend(Backend):
                 failed.setdefault(t, BackendError(f"forward pass failed: {exc}"))
         return None
 
-    def _forward_groups(self, segments: list[_Segment], offset: int = 0) -> list[list[_Segment]]:
-        """Batch segments (longest first) under the budgets, but only with company of
-        about the same length: padding is computed like real tokens, and on a
-        compute-bound device it costs more than the larger batch saves. `offset`
-        leading tokens come from a shared prefix and are not forwarded again."""
-        order = sorted(segments, key=lambda s: len(s.ids), reverse=True)
-        groups: list[list[_Segment]] = []
-        width = rows = tokens = 0
-        for seg in order:
-            n, r = len(seg.ids) - offset, len(set(seg.sources))
-            size = len(groups[-1]) + 1 if groups else 1
-            if (
-                groups
-                and width * size <= self.max_batch_tokens
-                and rows + r <= self.max_logit_rows
-                and size <= self.max_batch_rows
-                and width * size - (tokens + n) <= self.max_padding * width * size
-            ):
-                groups[-1].append(seg)
-                rows, tokens = rows + r, tokens + n
-            else:
-                groups.append([seg])
-                width, rows, tokens = n, r, n
-        return groups
-
     @torch.inference_mode()
-    def _prefix(self, seg: _Segment, length: int):
+    def _prefix(self, seg: Segment, length: int):
         """Keys and values of `seg`'s first `length` tokens (plain causal attention)."""
         from transformers import DynamicCache
 
+        # No config: every layer keeps all its keys (a sliding-window layer of a
+        # config-built cache would drop the oldest ones, which the tree mask counts on).
         cache = DynamicCache()
         self._decoder(
             input_ids=torch.tensor([seg.ids[:length]], device=self.device),
@@ -404,11 +335,13 @@ class HFBackend(Backend):
         return cache
 
     @torch.inference_mode()
-    def _forward(self, group: list[_Segment], offset: int = 0, prefix=None) -> torch.Tensor:
+    def _forward(self, group: list[Segment], tree: bool, offset: int = 0, prefix=None) -> torch.Tensor:
         """Log-probabilities (float32, CPU) of every segment's targets, in segment order.
 
-        With `prefix` (the cache of the group's shared first `offset` tokens) only
-        the tokens after it are forwarded, attending to it as well as to themselves.
+        `tree`: rows are masked as trees (packed); else they are plain sequences
+        under the model's own masks. With `prefix` (the cache of the group's shared
+        first `offset` tokens) only the tokens after it are forwarded, attending to
+        it as well as to themselves.
         """
         n = max(len(seg.ids) for seg in group)
         ids = torch.zeros(len(group), n, dtype=torch.long)
@@ -416,9 +349,14 @@ class HFBackend(Backend):
         for b, seg in enumerate(group):
             ids[b, : len(seg.ids)] = torch.tensor(seg.ids)
             positions[b, : len(seg.ids)] = torch.tensor(seg.positions)
-        if self.strategy == "packed":
+        if tree:
             # Rows after the prefix see all of it (the share plan guarantees that).
             attention = _packed_mask(group, n, self.device)[:, :, offset:]
+            if self.attention == "eager":
+                blocked = torch.finfo(self.dtype).min
+                attention = torch.zeros(attention.shape, dtype=self.dtype, device=self.device).masked_fill(
+                    ~attention, blocked
+                )
         else:
             attention = torch.zeros(len(group), n, dtype=torch.long)
             for b, seg in enumerate(group):
@@ -450,9 +388,20 @@ class HFBackend(Backend):
         return logprobs.cpu()
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The causal-LM head on selected rows, in float32 (with Gemma-style softcapping)."""
-        logits = self._head(hidden).float()
-        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        """The causal-LM head on selected rows, in float32, with the scalings that
+        heads apply after the projection (Cohere's `logit_scale`, Granite's
+        `logits_scaling`, Gemma's final soft-capping). `check_head` proves the result
+        equals the model's own logits."""
+        config = self.model.config.get_text_config()
+        logits = self._head(hidden)
+        scale = getattr(config, "logit_scale", None)
+        if scale is not None:
+            logits = logits * scale
+        divide = getattr(config, "logits_scaling", None)
+        if divide is not None:
+            logits = logits / divide
+        logits = logits.float()
+        cap = getattr(config, "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap
         return logits
