@@ -115,6 +115,17 @@ def packing_rule(config) -> PackingRule:
     return PackingRule()
 
 
+def _rope_snapshot(model) -> list[tuple[object, dict, dict]]:
+    """The loaded state of every rotary embedding that rescales itself."""
+    state = []
+    for module in model.modules():
+        attrs = {k: v for k, v in vars(module).items() if k.endswith("max_seq_len_cached") or k == "attention_scaling"}
+        buffers = {k: v.clone() for k, v in module.named_buffers(recurse=False) if k.endswith("inv_freq")}
+        if buffers and any(k.endswith("max_seq_len_cached") for k in attrs):
+            state.append((module, buffers, attrs))
+    return state
+
+
 class HeadMismatchError(RuntimeError):
     """The fast vocabulary projection does not reproduce the model's own logits."""
 
@@ -187,8 +198,10 @@ class HFBackend(Backend):
         self._head = self.model.get_output_embeddings()
         config = self.model.config
         self.rule = packing_rule(config)
+        self._rope_state = []
         if self.rule.one_row:
             self.max_batch_rows = 1
+            self._rope_state = _rope_snapshot(self.model)
         self.strategy = strategy
         described = strategy
         if strategy == "packed" and self.rule.reason:
@@ -318,6 +331,15 @@ class HFBackend(Backend):
                 failed.setdefault(t, BackendError(f"forward pass failed: {exc}"))
         return None
 
+    def _reset_rope(self) -> None:
+        """transformers' dynamic NTK keeps the largest scaling it has seen, so numbers
+        would depend on what ran before: every pass starts from the loaded state."""
+        for module, buffers, attrs in self._rope_state:
+            for name, value in buffers.items():
+                module.register_buffer(name, value.clone(), persistent=False)
+            for name, value in attrs.items():
+                setattr(module, name, value)
+
     @torch.inference_mode()
     def _prefix(self, seg: Segment, length: int):
         """Keys and values of `seg`'s first `length` tokens (plain causal attention)."""
@@ -362,6 +384,7 @@ class HFBackend(Backend):
             for b, seg in enumerate(group):
                 attention[b, : len(seg.ids)] = 1
             attention = attention.to(self.device)
+        self._reset_rope()
         cache = None
         if prefix is not None:
             cache = copy.deepcopy(prefix)
