@@ -125,6 +125,8 @@ class ModelInfo(_Response):
     dtype: str
     vocab_size: int
     max_context: int
+    revision: str | None = None
+    """Changes whenever the service loads new weights (None from older services)."""
 
 
 class Usage(_Response):

@@ -115,19 +115,27 @@ class DecodeAlignment:
             )
         return self._cache[j]
 
+    def _covers(self, j: int, chars: int) -> bool:
+        got = self._prefix(j)
+        return len(got) >= chars and got[:chars] == self.text[:chars]
+
     def _cover(self, chars: int) -> int:
-        """Fewest leading tokens whose decode covers text[:chars] exactly."""
+        """Fewest leading tokens whose decode reproduces text[:chars] exactly.
+
+        Length alone is not enough: on byte-level tokenizers a character may span
+        several tokens, and a prefix that stops inside it decodes to U+FFFD
+        replacement characters, long enough but not the text. The test is the
+        service's (`probes.token_cover`), and it is monotone in the token count.
+        """
+        if not self._covers(len(self.ids), chars):
+            raise AlignmentError(f"no token boundary reproduces the first {chars} characters")
         lo, hi = 0, len(self.ids)
-        while lo < hi:
+        while lo < hi:  # invariant: the first hi tokens cover
             mid = (lo + hi) // 2
-            if len(self._prefix(mid)) >= chars:
+            if self._covers(mid, chars):
                 hi = mid
             else:
                 lo = mid + 1
-        if self._prefix(lo)[:chars] != self.text[:chars]:
-            # Prefix decodes are not prefixes of the text here (a tokenizer whose
-            # decode rewrites earlier characters): no honest position exists.
-            raise AlignmentError(f"no token boundary reproduces the first {chars} characters")
         return lo
 
     def last_token(self, char_end: int) -> int:

@@ -84,15 +84,38 @@ def _parse_line(line: str, number: int, limits):
         check_item(item, limits, f"line {number}")
         return item
     except ValidationError as exc:
-        try:
-            item_id = json.loads(line).get("id")
-        except (ValueError, AttributeError):
-            item_id = None
-        first = exc.errors()[0]
+        first = exc.errors(include_input=False, include_url=False)[0]
         where = ".".join(str(p) for p in first["loc"]) or "item"
-        return ScoreResult.failure(item_id if isinstance(item_id, str) else None, "invalid_item", f"{where}: {first['msg']}")
+        return ScoreResult.failure(_echo_id(line), "invalid_item", f"{where}: {first['msg']}")
     except LimitError as exc:
         return ScoreResult.failure(item.id, "limit_exceeded", str(exc))
+
+
+def _echo_id(line: str) -> str | None:
+    """The id of a line that is no valid item, when it is one the output can hold
+    (JSON lets it carry a lone surrogate, which no JSON writer accepts)."""
+    try:
+        item_id = json.loads(line).get("id")
+    except (ValueError, AttributeError):
+        return None
+    if not isinstance(item_id, str) or len(item_id) > 512:
+        return None
+    try:
+        item_id.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return item_id
+
+
+def _jsonl_lines(data: bytes) -> list[tuple[int, str]]:
+    """(line number, text) of each non-blank line.
+
+    JSON strings may hold U+2028, U+2029 or U+0085 raw, which `str.splitlines`
+    (and so any reader that uses it) would take for line ends: only "\n" ends
+    a line here, with an optional "\r" before it.
+    """
+    lines = data.decode("utf-8").split("\n")
+    return [(n, line.removesuffix("\r")) for n, line in enumerate(lines, 1) if line.strip()]
 
 
 async def _score_file(args: argparse.Namespace) -> int:
@@ -103,11 +126,19 @@ async def _score_file(args: argparse.Namespace) -> int:
     from .protocol import ScoreResult, Usage
 
     settings = _settings(args)
-    lines = [ln for ln in Path(args.input).read_text(encoding="utf-8").splitlines() if ln.strip()]
-    backend = await asyncio.to_thread(build_backend, settings)
-    scorer = Scorer(backend, settings)
-    await backend.start()
-    await asyncio.to_thread(scorer.verifier.start)
+    lines = _jsonl_lines(Path(args.input).read_bytes())
+    scorer = None
+    try:
+        # The same start-up as `serve` (backend, verifier pool, warm-up item), so
+        # a model that cannot score fails here, once, not on every line.
+        backend = await asyncio.to_thread(build_backend, settings)
+        scorer = Scorer(backend, settings)
+        await scorer.start()
+    except Exception as exc:  # like `serve`: a model that cannot load ends with status 1
+        print(f"stepcredit: the model could not start: {type(exc).__name__}: {exc}", file=sys.stderr)
+        if scorer is not None:
+            await scorer.close()
+        return 1
     usage = Usage()
     limits = settings.limits()
     try:
@@ -116,7 +147,7 @@ async def _score_file(args: argparse.Namespace) -> int:
         ) as bar:
             for start in range(0, len(lines), args.batch_size):
                 chunk = lines[start : start + args.batch_size]
-                parsed = [_parse_line(ln, start + i + 1, limits) for i, ln in enumerate(chunk)]
+                parsed = [_parse_line(text, number, limits) for number, text in chunk]
                 items = [p for p in parsed if not isinstance(p, ScoreResult)]
                 batch = await scorer.score(items) if items else None
                 scored = iter(batch.results if batch else [])

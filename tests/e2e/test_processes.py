@@ -128,3 +128,71 @@ def test_score_cli_writes_one_result_per_line_in_order(tmp_path, tiny_model_path
     assert results[0]["correct"] and not results[3]["correct"]
     summary = json.loads(run.stderr.strip().splitlines()[-1])
     assert summary["items"] == 4 and summary["items_ok"] == 2 and summary["tokens_forwarded"] > 0
+
+
+def run_score(src: Path, out: Path, model: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [STEPCREDIT, "score", str(src), "-o", str(out), "--model", str(model), "--device", "cpu", "-q"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_score_cli_splits_lines_on_newline_only(tmp_path, tiny_model_path):
+    # JSON strings may hold these raw; `str.splitlines` would cut the item apart.
+    separators = "\u2028\u2029\x85"
+    completion = ITEM["completion"].replace("We add 2 and 3.", f"We add 2{separators}and 3.")
+    lines = [
+        json.dumps({**ITEM, "id": "raw-separators", "completion": completion}, ensure_ascii=False),
+        json.dumps({**ITEM, "id": "crlf"}),
+        json.dumps({"id": "bad\ud800", "prompt": "x", "references": ["1"]}),  # no completion, odd id
+    ]
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_bytes((lines[0] + "\n" + lines[1] + "\r\n\n" + lines[2] + "\n").encode("utf-8"))
+    assert separators in src.read_text(encoding="utf-8")
+    run = run_score(src, out, tiny_model_path)
+    assert run.returncode == 0, run.stderr
+    results = [json.loads(line) for line in out.read_text(encoding="utf-8").split("\n") if line]
+    assert [r["id"] for r in results] == ["raw-separators", "crlf", None]
+    assert [r["status"] for r in results] == ["ok", "ok", "error"]
+    assert results[0]["correct"] and results[0]["steps"][0]["char_end"] > completion.index(separators)
+
+
+def test_score_cli_exits_with_status_1_and_a_message_when_the_model_cannot_load(tmp_path):
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text(json.dumps(ITEM) + "\n")
+    run = run_score(src, out, tmp_path / "missing")
+    assert run.returncode == 1
+    assert "not a local HF model folder" in run.stderr and "Traceback" not in run.stderr
+    assert not out.exists()
+
+
+def test_score_cli_starts_the_scorer_as_serve_does(tmp_path, tiny_model_path, monkeypatch, capsys):
+    # In-process, to see the start-up path: `Scorer.start` (backend, verifier pool,
+    # warm-up item) is what `serve` runs before it reports ready.
+    from stepcredit import cli
+    from stepcredit.engine import Scorer
+
+    started = []
+    original = Scorer.start
+
+    async def spy(self):
+        await original(self)
+        started.append(self.ready)
+
+    monkeypatch.setattr(Scorer, "start", spy)
+    monkeypatch.setenv("STEPCREDIT_VERIFY_WORKERS", "1")
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text(json.dumps(ITEM) + "\n")
+    argv = ["score", str(src), "-o", str(out), "--model", str(tiny_model_path), "--device", "cpu", "-q"]
+    assert cli.main(argv) == 0
+    assert started == [True]  # started once, warm-up passed
+    assert json.loads(out.read_text())["status"] == "ok"
+
+    async def failing_start(self):
+        raise RuntimeError("warm-up scoring failed: injected")
+
+    monkeypatch.setattr(Scorer, "start", failing_start)
+    assert cli.main(argv) == 1
+    assert "warm-up scoring failed: injected" in capsys.readouterr().err

@@ -9,6 +9,8 @@ slime slime/rollout/rm_hub/__init__.py + slime/utils/types.py.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from pydantic import SecretStr
@@ -175,3 +177,131 @@ async def test_numeric_labels_are_taken_as_reference_text(client):
     assert (await client.post("/get_reward", json=body)).json()["scores"] == [1.0]
     slime = {"prompt": PROMPT, "response": RESPONSE, "label": 5}
     assert (await client.post("/slime/reward", json=slime)).json()["correct"] == 1.0
+
+
+def openrlhf_shards(queries: list, prompts: list, labels: list, n_servers: int) -> list[dict]:
+    """The bodies OpenRLHF posts, one per reward URL (agent.py `_fetch_rewards_via_http`):
+    a ceil-sized slice each, so with one sample the extra servers get empty lists."""
+    size = (len(queries) + n_servers - 1) // n_servers
+    return [
+        {"query": queries[i * size : (i + 1) * size], "prompts": prompts[i * size : (i + 1) * size],
+         "labels": labels[i * size : (i + 1) * size]}
+        for i in range(n_servers)
+    ]  # fmt: skip
+
+
+async def test_openrlhf_with_several_reward_urls_gets_empty_lists_for_an_empty_shard(client):
+    bodies = openrlhf_shards([PROMPT + RESPONSE], [PROMPT], ["5"], n_servers=3)
+    assert bodies[1] == bodies[2] == {"query": [], "prompts": [], "labels": []}
+    # OpenRLHF gathers every server's answer (a failure on any fails the sample),
+    # then reads the first.
+    responses = [await client.post("/get_reward", json=body) for body in bodies]
+    assert [r.status_code for r in responses] == [200, 200, 200], responses[1].text
+    empty = responses[1].json()
+    assert empty == {"rewards": [], "scores": [], "extra_logs": {key: [] for key in SIGNALS}}
+    info = openrlhf_consume(responses[0].json())
+    assert info["score"].item() == 1.0
+
+
+async def test_an_empty_shard_still_needs_aligned_fields(client):
+    response = await client.post("/get_reward", json={"query": [], "prompts": ["x"], "labels": []})
+    assert response.status_code == 422 and response.json()["error"]["field"] == "prompts"
+
+
+async def test_too_many_queries_are_413(client, settings):
+    n = settings.limits().max_items_per_request + 1
+    body = {"query": [PROMPT + RESPONSE] * n, "prompts": [PROMPT] * n, "labels": ["5"] * n}
+    response = await client.post("/get_reward", json=body)
+    assert response.status_code == 413 and response.json()["error"]["field"] == "query"
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [[], [{"role": "user", "content": "What is 2+3?"}] * 513, "x" * 70_000],
+    ids=["empty-messages", "too-many-messages", "too-long-text"],
+)
+async def test_slime_empty_or_overlong_prompt_is_422_naming_the_prompt(client, prompt):
+    response = await client.post("/slime/reward", json={"prompt": prompt, "response": RESPONSE, "label": "5"})
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["field"] == "prompt" and error["code"] in ("invalid_item", "limit_exceeded")
+
+
+SURROGATE = "\ud800"  # json.dumps writes it as the escape "\ud800", which JSON allows
+
+
+def raw_json(body: dict) -> bytes:
+    return json.dumps(body).encode("ascii")  # ensure_ascii: lone surrogates become escapes
+
+
+@pytest.mark.parametrize(
+    "route,body,field",
+    [
+        ("/slime/reward", {"prompt": PROMPT + SURROGATE, "response": RESPONSE, "label": "5"}, "prompt"),
+        ("/slime/reward", {"prompt": PROMPT, "response": RESPONSE + SURROGATE, "label": "5"}, "response"),
+        ("/slime/reward", {"prompt": PROMPT, "response": RESPONSE, "label": SURROGATE + "5"}, "label"),
+        ("/slime/reward", {"prompt": PROMPT, "response": RESPONSE, "label": ["5", SURROGATE]}, "label"),
+        ("/slime/reward", {"prompt": [{"role": "user", "content": SURROGATE}], "response": RESPONSE, "label": "5"},
+         "prompt"),
+        ("/get_reward", {"query": [PROMPT + RESPONSE + SURROGATE], "prompts": [PROMPT], "labels": ["5"]},
+         "query[0]"),
+        ("/get_reward", {"query": [SURROGATE + PROMPT + RESPONSE], "prompts": [SURROGATE + PROMPT],
+                         "labels": ["5"]}, "query[0]"),
+        ("/get_reward", {"query": [PROMPT + RESPONSE], "prompts": [PROMPT], "labels": [SURROGATE]}, "labels[0]"),
+        ("/get_reward", {"query": [PROMPT + RESPONSE], "prompts": [PROMPT + SURROGATE], "labels": ["5"]},
+         "query[0]"),
+    ],
+)  # fmt: skip
+async def test_a_lone_surrogate_in_any_text_is_422_naming_the_field(client, route, body, field):
+    response = await client.post(route, content=raw_json(body), headers={"Content-Type": "application/json"})
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["field"].startswith(field), error
+    response.content.decode("utf-8")  # the body echoes no surrogate
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e999", "-Infinity"])
+async def test_a_non_finite_error_reward_is_422(client, value):
+    # With an item that fails, the stand-in would be sent: JSON has no NaN.
+    too_long = "<think>\n" + "one two three four five\n" * 1500 + "</think>\n<answer>5</answer>"
+    body = {"query": [PROMPT + too_long], "prompts": [PROMPT], "labels": ["5"]}
+    response = await client.post(f"/get_reward?error_reward={value}", json=body)
+    assert response.status_code == 422 and response.json()["error"]["field"].endswith("error_reward")
+    slime = {"prompt": PROMPT, "response": RESPONSE, "label": "5"}
+    response = await client.post(f"/slime/reward?error_reward={value}", json=slime)
+    assert response.status_code == 422 and response.json()["error"]["field"].endswith("error_reward")
+
+
+@pytest.mark.parametrize(
+    "label,field",
+    [
+        ("false", "{}"),
+        ("[false]", "{}[0]"),
+        ('["5", true]', "{}[1]"),
+        ("NaN", "{}"),
+        ("[Infinity]", "{}[0]"),
+        ("-Infinity", "{}"),
+        ("1e999", "{}"),
+        ('{"answer": "5"}', "{}"),
+        ('[["5"]]', "{}[0]"),
+    ],
+)
+async def test_a_label_that_is_no_answer_is_422_naming_it(client, label, field):
+    # pydantic would read `false` as 0 and NaN as "nan": references no dataset meant.
+    slime = '{"prompt": %s, "response": %s, "label": %s}' % (json.dumps(PROMPT), json.dumps(RESPONSE), label)
+    openrlhf = '{"query": [%s], "prompts": [%s], "labels": [%s]}' % (
+        json.dumps(PROMPT + RESPONSE), json.dumps(PROMPT), label
+    )
+    for route, body, name in [("/slime/reward", slime, "label"), ("/get_reward", openrlhf, "labels[0]")]:
+        response = await client.post(route, content=body, headers={"Content-Type": "application/json"})
+        assert response.status_code == 422, (route, response.text)
+        error = response.json()["error"]
+        assert error["code"] == "invalid_label" and error["field"] == field.format(name), (route, error)
+
+
+async def test_a_huge_numeric_label_is_a_limit_naming_the_label(client):
+    huge = "9" * 4000  # under Python's int-string limit, over the reference length limit
+    body = '{"query": [%s], "prompts": [%s], "labels": [%s]}' % (json.dumps(PROMPT + RESPONSE), json.dumps(PROMPT), huge)
+    response = await client.post("/get_reward", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "limit_exceeded" and response.json()["error"]["field"] == "labels[0]"

@@ -5,6 +5,7 @@ variables), one async client per event loop, references, logged signals."""
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import weakref
 from collections.abc import Mapping
@@ -73,17 +74,30 @@ def client_for_loop(settings: AdapterSettings) -> AsyncClient:
 
 def references_of(answer: Any) -> list[str]:
     """A trainer's label or ground truth as references: a string or number, or a
-    list (or array) of equivalent ones. A missing answer is an error, not a guess."""
-    if isinstance(answer, str | int | float):
-        refs = [str(answer)]
-    elif answer is None:
-        refs = []
-    else:
-        refs = [str(a) for a in list(answer)]
-    refs = [r for r in refs if r.strip()]
+    list (or array) of equivalent ones; blank or null entries are skipped. A missing
+    answer is an error, not a guess, and so is a value that is no answer at all (a
+    boolean, a NaN or infinity, a nested container): `str` would make "False" or
+    "nan" a reference."""
+    answer = _plain(answer)
+    if isinstance(answer, Mapping):  # iterating it would make its keys the references
+        raise ValueError("a reference answer is text or a number, not a mapping")
+    values = [answer] if answer is None or isinstance(answer, str | int | float) else list(answer)
+    refs = []
+    for value in map(_plain, values):
+        if isinstance(value, bool) or (isinstance(value, float) and not math.isfinite(value)):
+            raise ValueError(f"{value!r} is not a reference answer")
+        if value is not None and not isinstance(value, str | int | float):
+            raise ValueError(f"a reference answer is text or a number, not {type(value).__name__}")
+        if value is not None and str(value).strip():
+            refs.append(str(value))
     if not refs:
         raise ValueError("no reference answer (label / ground truth) for this sample")
     return refs
+
+
+def _plain(value: Any) -> Any:
+    # A NumPy scalar (verl hands ground truth over as arrays) as the Python value.
+    return value.item() if getattr(value, "ndim", None) == 0 and hasattr(value, "item") else value
 
 
 def extra_signals(result: ScoreResult, weights: RewardWeights) -> dict[str, float]:

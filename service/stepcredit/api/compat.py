@@ -16,23 +16,28 @@ Both compose `reward = outcome_weight·outcome_reward + mig_weight·mig_reward`
 (query parameters, default 1 and 1). An item the service cannot score is never
 given a number: the request fails with 422 naming the item and code (503 with
 Retry-After for a backend error, which may pass on retry), unless the caller
-opted in to a stand-in with `?error_reward=X`, which is then flagged in
-`stepcredit_failed`.
+opted in to a stand-in with `?error_reward=X` (a finite number), which is then
+flagged in `stepcredit_failed`. Input that is wrong as sent (a label that is no
+reference answer, text that is not valid Unicode, a prompt missing from its
+query, a limit exceeded) is a 422 naming the request's own field whatever
+`error_reward` says: a stand-in covers a failure to score, not a broken dataset.
+Error bodies never echo input values (they may be non-finite or unencodable).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Query
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Discriminator, Tag, TypeAdapter, ValidationError, WithJsonSchema
 
 from ..config import Limits
 from ..engine import Scorer
-from ..protocol import ChatMessage, ScoreItem, ScoreRequest, ScoreResult, check_limits
+from ..protocol import ChatMessage, LimitError, ScoreItem, ScoreResult, check_item
 
 __all__ = ["register_compat_routes", "split_query"]
 
@@ -42,8 +47,11 @@ log = logging.getLogger(__name__)
 _TRANSIENT = {"backend_error"}
 
 
-# A dataset's answer column: text, a number, or a list of equivalent forms.
-_Label = str | int | float | list[str | int | float]
+# A dataset's answer column: text, a number, or a list of equivalent forms. The
+# schema documents that; `_references` checks it, because pydantic's lax modes
+# would read `false` as the reference "0" and let NaN through as "nan".
+_LABEL_SCHEMA = TypeAdapter(str | int | float | list[str | int | float] | None).json_schema()
+_Label = Annotated[Any, WithJsonSchema(_LABEL_SCHEMA)]
 
 
 class OpenRLHFRequest(BaseModel):
@@ -51,14 +59,22 @@ class OpenRLHFRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     query: list[str] | str
     prompts: list[str] | str | None = None
-    labels: list[_Label | None] | str | None = None
+    labels: list[_Label] | str | None = None
+
+
+# Text or a message list; the tag picks the branch, so an error names only that
+# branch (`prompt.messages[0].content`), not every member of the union.
+_SlimePrompt = Annotated[
+    Annotated[str, Tag("text")] | Annotated[list[ChatMessage], Tag("messages")],
+    Discriminator(lambda v: "text" if isinstance(v, str) else "messages"),
+]
 
 
 class SlimeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    prompt: str | list[ChatMessage]
+    prompt: _SlimePrompt
     response: str
-    label: _Label | None = None
+    label: _Label = None
 
 
 class _Rejected(Exception):
@@ -104,12 +120,44 @@ def _longest_suffix_prefix(a: str, b: str) -> int:
     return k
 
 
-def _references(label: _Label | None, where: str) -> list[str]:
-    refs = [label] if isinstance(label, str | int | float) else list(label or [])
-    refs = [str(r) for r in refs if str(r).strip()]
+def _references(label: Any, where: str) -> list[str]:
+    """The label as reference texts; blank or null entries are no reference."""
+    values = label if isinstance(label, list) else [label]
+    refs = []
+    for j, value in enumerate(values):
+        field = f"{where}[{j}]" if isinstance(label, list) else where
+        if isinstance(value, bool):  # before int: bool is an int subclass
+            raise _Rejected(422, "invalid_label", "a boolean is not a reference answer", field=field)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise _Rejected(422, "invalid_label", "a reference number must be finite", field=field)
+        if value is not None and not isinstance(value, str | int | float):
+            raise _Rejected(422, "invalid_label", "a reference is text or a number", field=field)
+        if value is not None and str(value).strip():
+            refs.append(str(value))
     if not refs:
         raise _Rejected(422, "missing_label", "a reference answer (label) is required", field=where)
     return refs
+
+
+def _item(fields: dict[str, str], where: str, limits: Limits, **given: Any) -> ScoreItem:
+    """A checked ScoreItem. What it refuses is a 422 naming the request's own field:
+    `fields` maps ScoreItem's fields to the route's (`where` for the item as a whole)."""
+    try:
+        item = ScoreItem(**given)
+    except ValidationError as exc:
+        error = exc.errors(include_input=False, include_url=False)[0]
+        loc = error["loc"]  # messages were checked with the request: only the list's length is left
+        field = fields.get(str(loc[0]), where) if loc else where
+        # A position in the message counts in the item's field, which may be part of the route's.
+        part = f" ({loc[0]})" if loc and str(loc[0]) not in fields else ""
+        raise _Rejected(422, "invalid_item", f"{field}{part}: {error['msg']}", field=field) from None
+    try:
+        check_item(item, limits, where)
+    except LimitError as exc:
+        detail = str(exc).removeprefix(f"{exc.field}: ")
+        field = fields["references"] if ".references" in exc.field else exc.field
+        raise _Rejected(exc.status, "limit_exceeded", f"{field}: {detail}", field=field) from None
+    return item
 
 
 def _as_list(value: list | str | None, n: int, name: str) -> list:
@@ -167,7 +215,6 @@ def register_compat_routes(
 
     async def score(items: list[ScoreItem], error_reward: float | None, weights: tuple[float, float]):
         scorer = get_scorer()
-        check_limits(ScoreRequest(items=items), limits)  # LimitError -> the app's 413/422
         batch = await scorer.score(items)
         failed = [(i, r) for i, r in enumerate(batch.results) if r.status != "ok"]
         for i, r in failed:
@@ -190,7 +237,10 @@ def register_compat_routes(
     weight_params = {
         "outcome_weight": Query(1.0, ge=-1e6, le=1e6, description="weight of outcome_reward"),
         "mig_weight": Query(1.0, ge=-1e6, le=1e6, description="weight of mig_reward (λ)"),
-        "error_reward": Query(None, description="opt-in stand-in reward for items that cannot be scored"),
+        "error_reward": Query(
+            None, ge=-1e6, le=1e6, allow_inf_nan=False,
+            description="opt-in stand-in reward for items that cannot be scored (finite)",
+        ),  # fmt: skip
     }
 
     @app.post("/get_reward", dependencies=[Depends(authorize)], tags=["compat"])
@@ -204,8 +254,9 @@ def register_compat_routes(
         [0, 1], for dynamic filtering), `extra_logs` (one list per signal)."""
         try:
             queries = [request.query] if isinstance(request.query, str) else request.query
-            if not queries:
-                raise _Rejected(422, "invalid_request", "`query` is empty", field="query")
+            if len(queries) > limits.max_items_per_request:
+                limit = limits.max_items_per_request
+                raise _Rejected(413, "limit_exceeded", f"{len(queries)} queries, limit {limit}", field="query")
             prompts = _as_list(request.prompts, len(queries), "prompts")
             labels = _as_list(request.labels, len(queries), "labels")
             items = []
@@ -215,11 +266,15 @@ def register_compat_routes(
                 except ValueError as exc:
                     raise _Rejected(422, "prompt_not_in_query", str(exc), field=f"query[{i}]") from None
                 refs = _references(label, f"labels[{i}]")
-                items.append(ScoreItem(prompt=prompt_text, completion=completion, references=refs))
-            signals = await score(items, error_reward, (outcome_weight, mig_weight))
+                fields = {"references": f"labels[{i}]"}  # prompt and completion both come from the query
+                items.append(_item(fields, f"query[{i}]", limits, prompt=prompt_text, completion=completion,
+                                   references=refs))  # fmt: skip
+            # With several reward URLs, OpenRLHF shards one sample across them and
+            # the others get empty lists; an error there would fail the sample.
+            signals = await score(items, error_reward, (outcome_weight, mig_weight)) if items else []
         except _Rejected as exc:
             return rejected(exc)
-        extra_keys = [k for k in signals[0] if k != "reward"]
+        extra_keys = [k for k in _SIGNAL_KEYS if k != "reward"]
         return {
             "rewards": [s["reward"] for s in signals],
             # Dynamic filtering keeps groups whose mean score lies in a band of [0, 1].
@@ -237,10 +292,9 @@ def register_compat_routes(
         """slime remote reward: an object; point `--reward-key` at `reward`."""
         try:
             refs = _references(request.label, "label")
-            if isinstance(request.prompt, str):
-                item = ScoreItem(prompt=request.prompt, completion=request.response, references=refs)
-            else:
-                item = ScoreItem(messages=request.prompt, completion=request.response, references=refs)
+            prompt = {"prompt" if isinstance(request.prompt, str) else "messages": request.prompt}
+            fields = {"prompt": "prompt", "messages": "prompt", "completion": "response", "references": "label"}
+            item = _item(fields, "prompt", limits, **prompt, completion=request.response, references=refs)
             (signals,) = await score([item], error_reward, (outcome_weight, mig_weight))
         except _Rejected as exc:
             return rejected(exc)
