@@ -77,34 +77,14 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _parse_line(line: str, number: int, limits):
-    from .protocol import LimitError, ScoreItem, ScoreResult, check_item
+    """The line's ScoreItem, or its `invalid_item` result (the same checks as /v1/score)."""
+    from .protocol import ScoreResult, parse_item
 
     try:
-        item = ScoreItem.model_validate_json(line)
-        check_item(item, limits, f"line {number}")
-        return item
-    except ValidationError as exc:
-        first = exc.errors(include_input=False, include_url=False)[0]
-        where = ".".join(str(p) for p in first["loc"]) or "item"
-        return ScoreResult.failure(_echo_id(line), "invalid_item", f"{where}: {first['msg']}")
-    except LimitError as exc:
-        return ScoreResult.failure(item.id, "limit_exceeded", str(exc))
-
-
-def _echo_id(line: str) -> str | None:
-    """The id of a line that is no valid item, when it is one the output can hold
-    (JSON lets it carry a lone surrogate, which no JSON writer accepts)."""
-    try:
-        item_id = json.loads(line).get("id")
-    except (ValueError, AttributeError):
-        return None
-    if not isinstance(item_id, str) or len(item_id) > 512:
-        return None
-    try:
-        item_id.encode("utf-8")
-    except UnicodeEncodeError:
-        return None
-    return item_id
+        raw = json.loads(line)
+    except ValueError as exc:
+        return ScoreResult.failure(None, "invalid_item", f"line {number}: not JSON ({exc})")
+    return parse_item(raw, limits, f"line {number}")
 
 
 def _jsonl_lines(data: bytes) -> list[tuple[int, str]]:

@@ -43,6 +43,7 @@ __all__ = [
     "LimitError",
     "check_limits",
     "check_item",
+    "parse_item",
     "parse_items",
     "describe_validation_error",
 ]
@@ -225,29 +226,27 @@ def _echo_id(raw: Any) -> str | None:
     return None
 
 
-def parse_items(raw_items: list[Any], limits: Limits, where: str = "items") -> list[ScoreItem | ScoreResult]:
-    """Validate each raw item on its own: a ScoreItem, or that item's `invalid_item` result."""
-    out: list[ScoreItem | ScoreResult] = []
-    for i, raw in enumerate(raw_items):
-        here = f"{where}[{i}]"
-        if isinstance(raw, ScoreItem):
-            item = raw
-        elif not isinstance(raw, dict):
-            out.append(ScoreResult.failure(None, "invalid_item", f"{here}: an item must be a JSON object"))
-            continue
-        else:
-            try:
-                item = ScoreItem.model_validate(raw)
-            except ValidationError as exc:
-                out.append(ScoreResult.failure(_echo_id(raw), "invalid_item", describe_validation_error(exc, here)))
-                continue
+def parse_item(raw: Any, limits: Limits, where: str) -> ScoreItem | ScoreResult:
+    """Validate one raw item: a ScoreItem, or its `invalid_item` result naming the field."""
+    if isinstance(raw, ScoreItem):
+        item = raw
+    elif not isinstance(raw, dict):
+        return ScoreResult.failure(None, "invalid_item", f"{where}: an item must be a JSON object")
+    else:
         try:
-            check_item(item, limits, here)
-        except LimitError as exc:
-            out.append(ScoreResult.failure(item.id, "invalid_item", str(exc)))
-            continue
-        out.append(item)
-    return out
+            item = ScoreItem.model_validate(raw)
+        except ValidationError as exc:
+            return ScoreResult.failure(_echo_id(raw), "invalid_item", describe_validation_error(exc, where))
+    try:
+        check_item(item, limits, where)
+    except LimitError as exc:
+        return ScoreResult.failure(item.id, "invalid_item", str(exc))
+    return item
+
+
+def parse_items(raw_items: list[Any], limits: Limits, where: str = "items") -> list[ScoreItem | ScoreResult]:
+    """Validate each raw item on its own, so a bad one fails alone."""
+    return [parse_item(raw, limits, f"{where}[{i}]") for i, raw in enumerate(raw_items)]
 
 
 def check_limits(request: ScoreRequest, limits: Limits) -> None:
