@@ -75,17 +75,20 @@ def find_boxes(text: str) -> list[_Box]:
     return boxes
 
 
-def _last_box_content(text: str) -> str | None:
-    complete = [b for b in find_boxes(text) if b.end is not None]
-    if not complete:
+def _answer_from_block(block: str) -> str | None:
+    """The block's last top-level \\boxed{} content, else the whole block; None when that box never closes.
+
+    An unclosed last box is a cut-off or abandoned answer ("\\boxed{1}, no wait: \\boxed{12"):
+    an earlier box would grade an answer the model took back, so nothing is extracted, as
+    for an unterminated answer block.
+    """
+    boxes = find_boxes(block)
+    if not boxes:
+        return block.strip()
+    last = boxes[-1]  # find_boxes stops at an unclosed box: it runs to the end of the text
+    if last.end is None:
         return None
-    box = complete[-1]
-    return text[box.content_start : box.content_end]
-
-
-def _answer_from_block(block: str) -> str:
-    boxed = _last_box_content(block)
-    return (boxed if boxed is not None else block).strip()
+    return block[last.content_start : last.content_end].strip()
 
 
 def _outside_ok(text: str, eos: str | None) -> bool:

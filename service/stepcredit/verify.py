@@ -34,6 +34,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
+from .reading import first_match
+
 __all__ = ["Verdict", "VerifyError", "VerifierPool"]
 
 logger = logging.getLogger(__name__)
@@ -55,48 +57,6 @@ class VerifyError(Exception):
 
 
 # --------------------------------------------------------------------------- worker side
-
-
-def _parse(text: str) -> list:
-    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
-
-    # The caller already extracted the answer, so there is no "final answer" anchor or
-    # \boxed{} to find.  Wrapping in $...$ makes the whole text one LaTeX environment,
-    # which the extractor accepts without anchors; bare text is the fallback for inputs
-    # whose own delimiters clash with the wrapper.  parsing_timeout=None: no signals.
-    config = [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]
-    first: list = []
-    for candidate in (f"${text}$", text):
-        parsed = parse(candidate, extraction_config=config, parsing_timeout=None)
-        if any(not isinstance(p, str) for p in parsed):
-            return parsed
-        first = first or parsed
-    # Only the raw-string fallback survived: Math-Verify then compares strings exactly.
-    return first
-
-
-def _first_match(answer: str, references: Sequence[str]) -> int | None:
-    from math_verify import verify
-
-    try:
-        target = _parse(answer)
-    except MemoryError:
-        raise
-    except Exception:
-        return None
-    if not target:
-        return None
-    for i, reference in enumerate(references):
-        try:
-            gold = _parse(reference)
-            # Gold first: Math-Verify's comparison is not symmetric.
-            if gold and verify(gold, target, timeout_seconds=None):
-                return i
-        except MemoryError:
-            raise
-        except Exception:  # a reference sympy cannot handle is just "not equivalent"
-            continue
-    return None
 
 
 def _address_space_bytes() -> int:
@@ -130,7 +90,7 @@ def _worker_main(conn: Connection, memory_limit_mb: int) -> None:
         if job is None:
             return
         try:
-            reply = ("ok", _first_match(*job))
+            reply = ("ok", first_match(*job))
         except MemoryError:
             reply = ("oom", None)
         except Exception as e:  # a bug, not a verdict
@@ -244,10 +204,7 @@ class VerifierPool:
         """
         if self._closed:
             raise VerifyError("verifier pool is closed")
-        if answer is None or not answer.strip() or len(answer) > self.max_answer_chars:
-            return Verdict(False, None, False)
-        if not _braces_balance(answer):
-            # Math-Verify reads "2^{" as 2: a broken answer must not match gold "2".
+        if _wrong_unread(answer, self.max_answer_chars):
             return Verdict(False, None, False)
         refs = list(references)
         if not all(isinstance(r, str) for r in refs):
@@ -415,6 +372,14 @@ class VerifierPool:
             else:
                 self._release(new)  # disposes of it if the pool closed meanwhile
                 return
+
+
+def _wrong_unread(answer: str | None, max_answer_chars: int) -> bool:
+    """Answers judged wrong without parsing: missing, blank, over-long or with unbalanced braces."""
+    if answer is None or not answer.strip() or len(answer) > max_answer_chars:
+        return True
+    # Math-Verify reads "2^{" as 2: a broken answer must not match gold "2".
+    return not _braces_balance(answer)
 
 
 def _braces_balance(text: str) -> bool:

@@ -58,6 +58,23 @@ def test_answer_block_with_boxed_yields_last_box_content():
     assert s.answer == r"\frac{1}{2}"
 
 
+@pytest.mark.parametrize(
+    "block",
+    [r"\boxed{1}, no wait: \boxed{12", r"\boxed{12", r"\boxed{\frac{1}{2}} or \boxed{\frac{3}{4}"],
+)
+def test_unclosed_last_box_in_answer_block_extracts_nothing_not_an_earlier_box(block):
+    # The model took the earlier box back; the last one is cut off: nothing to grade.
+    assert parse_structure(f"<think>a</think><answer>{block}</answer>").answer is None
+    s = parse_structure(f"<r>a</r><a>{block}</a>", "regex", cot_pattern=r"<r>(.*?)</r>", answer_pattern=r"<a>(.*?)</a>")
+    assert s.answer is None
+
+
+def test_boxed_format_unclosed_last_box_extracts_nothing_and_cot_ends_at_it():
+    t = r"First \boxed{1}, no wait: \boxed{12"
+    s = parse_structure(t, "boxed")
+    assert s.answer is None and not s.format_ok and s.cot_span == (0, t.index(r"\boxed{12"))
+
+
 def test_unterminated_answer_block_extracts_nothing():
     # A truncated answer must not be graded: "4" could be the cut-off start of "42".
     assert parse_structure("<think>a</think><answer>4").answer is None

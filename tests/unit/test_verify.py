@@ -45,6 +45,110 @@ async def test_equivalent_forms_are_correct(pool, gold, answer):
     assert await pool.verify(answer, [gold]) == Verdict(True, 0, False)
 
 
+# Answers as models write them in GSM8K/MATH-style RL (the answer block's content or the
+# last box's), each against a reference as datasets store it.
+MODEL_STYLE_CORRECT = [
+    # units, currency, separators, trailing punctuation: prose read as Math-Verify reads it
+    ("40", "40 km/h"),
+    ("40", r"40 \text{ km/h}"),
+    ("40", "40 dollars"),
+    ("40", "$40"),
+    ("40", r"\$40"),
+    ("40", "40."),
+    ("18.90", r"\$18.90"),
+    ("12", "The answer is 12."),
+    ("12", "12 apples"),
+    ("1000", "1 000"),
+    ("1000", r"1\,000"),
+    ("1000", "1{,}000"),
+    ("7425000", "7,425,000"),
+    ("1000.99", "1000,99"),
+    ("1000.99", "1,000.99"),
+    # percentages
+    (r"25\%", "25%"),
+    (r"25\%", "25 percent"),
+    ("0.25", "25%"),
+    # assignments, fractions and decimals
+    ("5", "x = 5"),
+    ("5", "x=5"),
+    (r"\frac{3}{4}", "3/4"),
+    ("0.75", r"\dfrac{3}{4}"),
+    (r"2\sqrt{2}", r"\sqrt{8}"),
+    ("10^{10}", "10000000000"),
+    # intervals, tuples, sets, negative numbers (Unicode minus)
+    ("[0,1)", "[0, 1)"),
+    ("(1,2)", "(1, 2)"),
+    (r"\{1,2\}", "1, 2"),
+    (r"6 \text{ and } 8", r"6 \text{ and } 8"),
+    ("-3", "−3"),
+    # multiple choice
+    ("B", "(B)"),
+    (r"\textbf{(B)}", "B"),
+    ("(C)", "C"),
+    # math inside a sentence
+    (r"x \geq 5", r"Therefore $x \geq 5$ is the solution."),
+    ("$x >= 5$", r"Therefore $x \geq 5$ is the solution."),
+    (
+        r"\begin{pmatrix} 1 & 2 \\ 3 & 4 \end{pmatrix}",
+        r"The matrix is $\begin{pmatrix} 1 & 2 \\ 3 & 4 \end{pmatrix}$.",
+    ),
+    (r"\begin{pmatrix} 1 & 2 \\ 3 & 4 \end{pmatrix}", r"\begin{pmatrix} 1 & 2 \\ 3 & 4 \end{pmatrix}"),
+]
+
+# Hedges, fragments and other answers no sound reading makes equal to the reference.
+MODEL_STYLE_WRONG = [
+    ("4", "1, 2, 3, 4, 5"),  # Math-Verify alone reads the last number, 5
+    ("4", "x = 3 or x = 4"),  # Math-Verify alone reads 4: a hedge, a set of two answers
+    ("4", "3 or 4"),
+    ("4", "3, 4"),
+    ("4", "x=3, x=4"),
+    ("B", "A or B"),
+    ("4", "The answer is 4 or 5"),  # Math-Verify alone reads the 4 after "answer"
+    ("5", "The answer is 4 or 5."),
+    ("2", r"2\sqrt{2}"),  # Math-Verify alone reads 2
+    (r"2\sqrt{2}", "2"),  # the same fragment on the reference's side
+    ("10", "10^{10}"),
+    ("1", "x - 1"),
+    ("3", r"3\pi"),
+    ("5", r"x \geq 5"),
+    ("5", "x >= 5"),
+    ("2", "ab + 2c"),
+    ("2", r"2\sqrt{2} meters"),  # prose mixed with math: both readings must agree
+    ("0", "1 000"),  # as bare LaTeX "1 000" is 1*000
+    ("0", r"1\,000"),
+    ("4", r"\{1,2,3,4\}"),
+    ("3", r"3 \times 10^5"),
+    ("1.2", "1.2.3"),  # no number: raw extraction would read 1.2
+]
+
+
+@pytest.mark.parametrize(("gold", "answer"), MODEL_STYLE_CORRECT)
+async def test_model_style_answers_are_correct(pool, gold, answer):
+    assert await pool.verify(answer, [gold]) == Verdict(True, 0, False)
+
+
+@pytest.mark.parametrize(("gold", "answer"), MODEL_STYLE_WRONG)
+async def test_hedges_and_fragments_stay_wrong(pool, gold, answer):
+    assert await pool.verify(answer, [gold]) == Verdict(False, None, False)
+
+
+@pytest.mark.parametrize(
+    ("block", "gold", "correct"),
+    [
+        (r"The answer is $\boxed{\dfrac{3}{4}}$.", "0.75", True),
+        (r"\boxed{40 \text{ km/h}}", "40", True),
+        (r"\boxed{\boxed{5}}", "5", True),
+        (r"\boxed{1}, no wait: \boxed{12", "1", False),  # an unclosed last box grades nothing
+        (r"\boxed{1}, no wait: \boxed{12", "12", False),
+    ],
+)
+async def test_box_inside_the_answer_block_is_graded_as_the_service_extracts_it(pool, block, gold, correct):
+    from stepcredit.structure import parse_structure
+
+    answer = parse_structure(f"<think>a</think><answer>{block}</answer>").answer
+    assert (await pool.verify(answer, [gold])).correct is correct
+
+
 @pytest.mark.parametrize(
     ("gold", "answer"),
     [("2", "3"), (r"\frac{1}{2}", r"\frac{1}{3}"), ("x^2+1", "x^2-1"), (r"\sqrt{2}", "2"), (r"\{1,2\}", r"\{1,3\}")],
