@@ -90,6 +90,9 @@ class Settings(Limits):
     """vllm-remote: timeout of one probe request."""
     vllm_retries: int = Field(3, ge=0, le=20)
     """vllm-remote: retries per server (connection errors, 429, 5xx) before the next server."""
+    vllm_cooloff_s: float = Field(30.0, gt=0, le=3600)
+    """vllm-remote: a server that times out, refuses connections or keeps answering 5xx is
+    set aside this long; then one trial request decides whether it is back."""
     vllm_memory_utilization: float | None = Field(None, gt=0, le=1)
     """vllm: fraction of GPU memory (of RAM on CPU) for weights and KV cache; default 0.85 GPU, 0.25 CPU."""
     vllm_block_size: int | None = Field(None, ge=1, le=1024)

@@ -129,6 +129,17 @@ def test_remote_vllm_equals_hf(items_file, tiny_model_path, hf_results, vllm_ser
 
 
 @pytest.mark.slow
+def test_remote_vllm_spread_over_two_servers_equals_hf(items_file, tiny_model_path, hf_results, vllm_server):
+    # Two routes to one server: the plumbing of a fleet of two (the planner splits
+    # the batch between them) with real answers.
+    url, _ = vllm_server
+    reference, _ = hf_results
+    results, usage = score_cli(items_file, tiny_model_path, "--backend", "vllm-remote", "--vllm-url", f"{url},{url}/")
+    assert_close(results, reference)
+    assert usage["items_ok"] == len(reference)
+
+
+@pytest.mark.slow
 def test_remote_backend_refuses_a_server_that_is_down(items_file, tiny_model_path):
     dead = f"http://127.0.0.1:{free_port()}"
     run = subprocess.run(
@@ -171,11 +182,17 @@ def test_items_fail_with_a_clear_error_when_the_server_dies(tiny_model_path, vll
         proc.terminate()
         proc.wait(timeout=60)
         failed = await scorer.score([ScoreItem(**i) for i in varied_items(seed=3)[:2]])
+        # The dead server is now set aside: the next items fail at once, saying so.
+        started = time.monotonic()
+        again = await scorer.score([ScoreItem(**varied_items(seed=4)[0])])
+        waited = time.monotonic() - started
         await scorer.close()
-        return ok, failed
+        return ok, failed, again, waited
 
-    ok, failed = asyncio.run(run())
+    ok, failed, again, waited = asyncio.run(run())
     assert ok.results[0].status == "ok"
     for result in failed.results:
         assert result.status == "error" and result.error.code == "backend_error"
         assert url in result.error.message and result.mig_reward is None
+    assert again.results[0].status == "error" and again.results[0].error.code == "backend_error"
+    assert f"{url}: set aside for" in again.results[0].error.message and waited < 5

