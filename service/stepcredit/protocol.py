@@ -114,7 +114,8 @@ class ScoreRequest(_Strict):
     """A batch of items. The schema documents each item's fields; items are
     validated one at a time (`parse_items`), so a bad item fails alone."""
 
-    items: list[SkipValidation[ScoreItem]] = Field(min_length=1)
+    items: list[SkipValidation[ScoreItem]]
+    """May be empty (a trainer's empty shard): the answer is then an empty `results`."""
     options: ItemOptions | None = None
 
 

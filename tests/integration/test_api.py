@@ -178,6 +178,11 @@ async def test_a_bad_item_is_its_own_invalid_item_error_and_the_others_are_score
     assert body["usage"]["items"] == 2 and body["usage"]["items_ok"] == 1 and body["usage"]["items_error"] == 1
 
 
+async def test_an_empty_batch_is_answered_with_no_results(client):
+    body = await score(client)
+    assert body["results"] == [] and body["usage"]["items"] == 0 and body["model"]["revision"]
+
+
 async def test_a_bad_item_keeps_its_id_when_the_id_itself_is_fine(client):
     body = await score(client, {"id": "mine", "prompt": "p", "completion": "c", "references": []})
     (result,) = body["results"]
@@ -226,7 +231,6 @@ async def test_unencodable_text_and_non_finite_numbers_are_item_errors_not_500(c
 @pytest.mark.parametrize(
     "raw,field",
     [
-        ('{"items": [], "options": {}}', "items"),
         ('{"items": "nope"}', "items"),
         ('{"item": []}', "items"),
         ('[1, 2]', "body"),
