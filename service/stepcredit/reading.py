@@ -24,8 +24,8 @@ __all__ = ["first_match"]
 #   and only so; a lone plain number (`1,22`) is also read raw (decimal comma), as either
 #   reading is what was written;
 # * a \boxed{}, or environments among prose or nothing: raw extraction, as Math-Verify's;
-# * prose: raw extraction (the last number is the answer), except that alternatives
-#   ("4 or 5") give no reading, and with math in it (`2\sqrt{2} meters`) the previous
+# * prose: raw extraction (the last number is the answer), except that a text offering
+#   several answers ("4 or 5", "4 OR maybe 5", "$4$ $5$") gives no reading, and with math in it (`2\sqrt{2} meters`) the previous
 #   reader, the whole text in $...$, must agree, since raw extraction may cut a fragment.
 #
 # Raw extraction that finds no value falls back to the whole text read as LaTeX, which can
@@ -45,6 +45,15 @@ _MATH_SYNTAX = re.compile(
 )
 # Alternatives offered in prose ("4 or 5"): raw extraction would grade one of them.
 _ALTERNATIVES = re.compile(r"\d\s+or\s+[-−]?\d")
+# A hedge anywhere in a text read by raw extraction ("4 OR 5", "4 or maybe 5", "either 4,
+# 5", "4 vs 5", "$4$ \text{or} $5$", "4 or five"): raw extraction grades the last value,
+# so a hedge would earn the reward for whichever candidate is right. Also "4 and 5".
+_HEDGE = re.compile(r"(?i)(?<![^\W_])(?:or|vs|versus|either|maybe|perhaps|possibly|oder|ou)(?![^\W_])")
+# The value raw extraction would grade closes a list ("4 and 5.", "$4$ and $5$"); a list
+# earlier in a worked answer ("the divisors are 1, 2, and 90 ... so 12") is prose.
+_LIST_END = re.compile(r"(?i)\d\s*\$?\s*,?\s*and\s+(?:\$\s*)?[-−]?\s*\d[^0-9]*$")
+_HEDGE_WORDS = re.compile(r"(?i)(?<![^\W_])(?:or|and|vs\.?|versus|either|oder|ou)(?![^\W_])")
+_TEXT_GROUP = re.compile(r"\\(?:text\w*|mbox|operatorname)\s*\{([^{}]*)\}")
 # A thin space between digit groups is a thousands separator, as {,} is.
 _THIN_SPACE_GROUP = re.compile(r"(?<=\d)\\,(?=\d{3}(?!\d))")
 # One number, as Math-Verify's expressions reader takes it: thousands groups, or one
@@ -62,7 +71,7 @@ class _Reading:
     """Every parse must match (prose mixed with math); otherwise any one may."""
 
 
-def _read(text: str) -> _Reading:
+def _read(text: str, answer: bool = False) -> _Reading:
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
 
     # boxed_match_priority=0, as Math-Verify's tests parse: a \boxed{} holds the answer.
@@ -90,13 +99,42 @@ def _read(text: str) -> _Reading:
         return _Reading((latex(), raw()) if _PLAIN_NUMBER.fullmatch(text) else (latex(),))
     found = raw()
     in_prose = prose and not (in_environment or boxed)
-    if not any(not isinstance(p, str) for p in found) or (in_prose and _ALTERNATIVES.search(bare)):
+    if answer and _offers_several(text, bare):
+        # A reference may list several values ("$1$ and $2$"); an answer that offers
+        # several is read whole, as the list it is, or not at all.
+        joined = _joined(text)
+        return _Reading((parse(joined, extraction_config=config[:1], parsing_timeout=None),) if joined else ())
+    if not any(not isinstance(p, str) for p in found):
         return _Reading((latex(),))
     if in_prose and syntax:
         # The previous reader (the whole text in $...$, either extractor) must agree.
         previous = parse(f"${text}$", extraction_config=config, parsing_timeout=None)
         return _Reading((found, previous), all_needed=True)
     return _Reading((found,))
+
+
+def _offers_several(text: str, bare: str) -> bool:
+    """The text offers more than one answer, so grading the one raw extraction picks
+    would reward a hedge: a hedge word, or several different math environments with
+    nothing but separators between them ("$4$ $5$", "$4$, $5$")."""
+    plain = _TEXT_GROUP.sub(r" \1 ", text)
+    if _ALTERNATIVES.search(bare) or _HEDGE.search(plain) or _LIST_END.search(plain):
+        return True
+    environments = {m.strip("$ ").removeprefix("\\(").removesuffix("\\)") for m in _ENVIRONMENT.findall(text)}
+    return len(environments) > 1 and not _WORD.search(bare)
+
+
+def _joined(text: str) -> str | None:
+    """The values a hedging answer offers, as one LaTeX list ("4 or 5" -> "$4, 5$"), when
+    nothing but values, hedge words and separators is there; else None."""
+    plain = _TEXT_GROUP.sub(r" \1 ", text)
+    plain = re.sub(r"(?<!\\)\$|\\[()\[\]]", " ", plain)  # drop the environments' delimiters
+    plain = _HEDGE_WORDS.sub(",", plain)
+    parts = [p.strip() for p in plain.split(",")]
+    parts = [p.rstrip(".").strip() for p in parts if p.strip(" .")]
+    if not parts or any(_WORD.search(p) for p in parts):
+        return None
+    return "$" + ", ".join(parts) + "$"
 
 
 def _matches(gold: _Reading, target: _Reading) -> bool:
@@ -115,7 +153,7 @@ def _matches(gold: _Reading, target: _Reading) -> bool:
 
 def first_match(answer: str, references: Sequence[str]) -> int | None:
     try:
-        target = _read(answer)
+        target = _read(answer, answer=True)
     except MemoryError:
         raise
     except Exception:

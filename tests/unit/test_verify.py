@@ -93,6 +93,13 @@ MODEL_STYLE_CORRECT = [
         r"The matrix is $\begin{pmatrix} 1 & 2 \\ 3 & 4 \end{pmatrix}$.",
     ),
     (r"\begin{pmatrix} 1 & 2 \\ 3 & 4 \end{pmatrix}", r"\begin{pmatrix} 1 & 2 \\ 3 & 4 \end{pmatrix}"),
+    # A list answer offered with "and"/"or" is read whole, as the list it is.
+    ("1, 2, 3", "$1$ and $2$ and $3$"),
+    ("-2, 1", "-2 and 1"),
+    ("4, 5", "4 or 5"),
+    # Lists and "and" earlier in a worked answer are prose: the final value is graded.
+    ("12", "The divisors are 1, 2, and 90, so there are 12."),
+    ("18", "She sells 16 - 3 - 4 = 9 eggs and makes 9 * 2 = $18."),
 ]
 
 # Hedges, fragments and other answers no sound reading makes equal to the reference.
@@ -119,6 +126,29 @@ MODEL_STYLE_WRONG = [
     ("4", r"\{1,2,3,4\}"),
     ("3", r"3 \times 10^5"),
     ("1.2", "1.2.3"),  # no number: raw extraction would read 1.2
+    # Hedges in any case, any wording, inside or between math environments: Math-Verify
+    # alone grades the last value, so each of these would be rewarded.
+    ("5", "4 OR 5"),
+    ("5", "4 Or 5"),
+    ("5", "4 or maybe 5"),
+    ("5", "4 oder 5"),
+    ("5", "either 4, 5"),
+    ("5", "4 vs 5"),
+    ("5", "4 vs. 5"),
+    ("5", "no solution or 5"),
+    ("5", "$4$ or maybe $5$"),
+    ("5", r"$4$ \text{or} $5$"),
+    ("5", r"$x=4$ \text{ or } $x=5$"),
+    ("5", "$x = 4$ or $x = 5$"),
+    ("5", "$4$ $5$"),
+    ("5", "$4$, $5$"),
+    ("3", "2 apples or 3 apples"),
+    ("6", "costs $5 or $6"),
+    ("4", "4 or five"),
+    ("5", "4 and 5"),
+    ("5", "The answer is 4 and 5."),
+    ("5", "maybe 5"),
+    ("3", "$1$ and $2$ and $3$"),
 ]
 
 
