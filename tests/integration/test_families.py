@@ -44,6 +44,12 @@ def _config(family: str, vocab: int):
             num_key_value_heads=1, sliding_window=WINDOW, query_pre_attn_scalar=64,
             layer_types=["sliding_attention", "full_attention"], **base,
         )  # fmt: skip
+    if family == "gpt-oss":
+        # Attention sinks and no SDPA path: eager attention with an additive tree mask.
+        return tf.GptOssConfig(
+            num_key_value_heads=1, sliding_window=WINDOW, num_local_experts=4, num_experts_per_tok=2,
+            layer_types=["sliding_attention", "full_attention"], **base,
+        )  # fmt: skip
     if family == "granite":
         return tf.GraniteConfig(num_key_value_heads=1, logits_scaling=4.0, **base)
     if family == "cohere":
@@ -77,12 +83,14 @@ def build(tmp_path_factory, tokenizer):
 
 
 def _trajectories(seed: int = 0) -> list[TrajectoryProbes]:
-    """Three trajectories sharing a 40-token prompt; one short (under the window), two long."""
+    """Four trajectories sharing a 24-token prompt: two short enough for a sliding window
+    of 48 (so the tree mask and the shared prefix pass run on windowed models too), two
+    longer (so per-prefix under the model's own window runs as well)."""
     rng = random.Random(seed)
-    prompt = [rng.randrange(100, 40000) for _ in range(40)]
+    prompt = [rng.randrange(100, 40000) for _ in range(24)]
     prefix_tokens = [rng.randrange(100, 40000) for _ in range(3)]
     out = []
-    for length in (10, 70, 110):
+    for length in (8, 12, 70, 110):
         trunk = prompt + [rng.randrange(100, 40000) for _ in range(length)]
         cuts = sorted({len(prompt)} | {rng.randrange(len(prompt) + 1, len(trunk) + 1) for _ in range(4)} | {len(trunk)})
         refs = [[rng.randrange(100, 40000) for _ in range(n)] for n in (1, 4)]
@@ -128,6 +136,7 @@ def _assert_close(got, want, what):
         ("phi3", f"packed (per-prefix beyond {WINDOW} tokens)"),
         ("gemma2", f"packed (per-prefix beyond {WINDOW} tokens)"),
         ("gemma3", f"packed (per-prefix beyond {WINDOW} tokens)"),
+        ("gpt-oss", f"packed (per-prefix beyond {WINDOW} tokens)"),
         ("granite", "packed"),
         ("cohere", "packed"),
         ("qwen2-dynamic-rope", "per-prefix"),
@@ -143,6 +152,8 @@ def test_every_strategy_gives_the_models_own_likelihoods(build, family, describe
             out = backend.compute(trajectories)
             if strategy == "packed":
                 assert backend.info.strategy == described
+                if described != "per-prefix":  # the short ones really ran under the tree mask
+                    assert backend.rule.packs(trajectories[0]) and backend.rule.packs(trajectories[1])
         finally:
             backend.shutdown()
         _assert_close(out.results, want, f"{family} {strategy} {kwargs}")

@@ -126,6 +126,21 @@ def _rope_snapshot(model) -> list[tuple[object, dict, dict]]:
     return state
 
 
+def _attention_implementation(config) -> str:
+    """SDPA takes the boolean 4-D tree mask as it is. It ignores attention-logit
+    soft-capping (Gemma 2) without a word, and some models have no SDPA path at all
+    (gpt-oss, whose attention sinks need eager): those run eager attention, which adds
+    the mask to the scores, so the tree mask is then given as 0 / -inf."""
+    from transformers import AutoModelForCausalLM
+
+    if getattr(config.get_text_config(), "attn_logit_softcapping", None):
+        return "eager"
+    model_class = AutoModelForCausalLM._model_mapping.get(type(config), None)
+    if model_class is not None and not getattr(model_class, "_supports_sdpa", True):
+        return "eager"
+    return "sdpa"
+
+
 class HeadMismatchError(RuntimeError):
     """The fast vocabulary projection does not reproduce the model's own logits."""
 
@@ -184,11 +199,7 @@ class HFBackend(Backend):
         self.max_padding = 0.02 if self.device.type == "cpu" else 0.2
         path = Path(model_path)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        # SDPA takes the boolean 4-D tree mask as it is. It ignores attention-logit
-        # soft-capping (Gemma 2) without a word, so such models run eager attention,
-        # which adds the mask to the scores: the tree mask is then given as 0 / -inf.
-        softcap = getattr(AutoConfig.from_pretrained(path).get_text_config(), "attn_logit_softcapping", None)
-        self.attention = "eager" if softcap else "sdpa"
+        self.attention = _attention_implementation(AutoConfig.from_pretrained(path))
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype, attn_implementation=self.attention)
         self.model.to(self.device).eval()
         # Hidden states come from the decoder and only the rows that predict a reference
