@@ -146,4 +146,11 @@ class DecodeAlignment:
     def span(self, char_start: int, char_end: int) -> tuple[int, int]:
         if char_end <= char_start:
             return (0, 0)
-        return (self._cover(char_start + 1) - 1, self._cover(char_end))
+        return (self._before(char_start), self._cover(char_end))
+
+    def _before(self, chars: int) -> int:
+        """Tokens lying wholly before character `chars` (the service's rule): a token
+        that reaches past it, such as the first byte token of a character split over
+        several, belongs to what follows."""
+        k = self._cover(chars)
+        return k if len(self._prefix(k)) == chars else k - 1

@@ -174,8 +174,13 @@ def ids_probes(
         return token_cover(decoder, completion, chars, guess(chars))
 
     def tokens_before(chars: int) -> int:
-        # Tokens lying wholly before character `chars`.
-        return len(completion_ids) if chars >= len(completion) else cover(chars + 1) - 1
+        # Tokens lying wholly before character `chars`: those covering text[:chars],
+        # less the last one when it reaches past it (into a character split over
+        # several byte tokens, or a token that spans the boundary).
+        if chars >= len(completion):
+            return len(completion_ids)
+        k = cover(chars)
+        return k if len(decoder.prefix(k)) == chars else k - 1
 
     spans = [(tokens_before(a), cover(b)) for a, b in steps]
     cut_tokens = [spans[0][0] if spans else tokens_before(cut_0)] + [b for _, b in spans]

@@ -49,3 +49,26 @@ def test_decoding_ids_agrees_with_offsets_on_a_tiny_byte_level_vocabulary():
         assert by_ids.span(start, end) == by_offsets.span(start, end), line
         assert by_ids.last_token(end) == by_offsets.last_token(end)
         assert tok.decode(ids[: by_ids.last_token(end) + 1]) == COMPLETION[:end]
+
+
+# Each step starts with an emoji, so its first token is part of a character split over
+# several byte tokens: that token belongs to the step, not to what lies before it.
+STARTS = "<think>\n🎉 We add 2 and 3\n✓ 2 + 3 = 5\n🎉🎉 So the sum is 5\n</think>\n<answer>5</answer>"
+
+
+def test_a_step_that_starts_inside_a_split_character_owns_all_its_bytes(live_server, tokenizer):
+    ids = tokenizer(STARTS, add_special_tokens=False)["input_ids"]
+    assert split_characters(tokenizer, ids)
+    item = {"prompt": PROMPT, "completion": STARTS, "references": ["5"], "completion_token_ids": ids}
+    with Client(live_server.url) as client:
+        (result,) = client.score([item]).results
+    assert result.status == "ok" and len(result.steps) == 3
+    alignment = DecodeAlignment(tokenizer, ids, STARTS)
+    for step in result.steps:
+        assert STARTS[step.char_start] in "🎉✓"
+        assert alignment.span(step.char_start, step.char_end) == (step.token_start, step.token_end)
+        # The step's tokens decode to the step itself: no stray byte before it, none missing.
+        piece = tokenizer.decode(ids[step.token_start : step.token_end])
+        assert "\ufffd" not in piece and piece.strip() == STARTS[step.char_start : step.char_end]
+    # context_0 holds only the whole tokens before step 1: it ends on "\n", not half an emoji.
+    assert "\ufffd" not in tokenizer.decode(ids[: result.steps[0].token_start])
