@@ -136,3 +136,22 @@ async def test_an_items_verify_timeout_is_capped_by_the_server(inner, settings, 
     capped = settings.model_copy(update={"max_verify_timeout_s": 2.0})
     assert resolve_options(capped, ItemOptions(verify_timeout_s=100)).verify_timeout_s == 2.0
     assert resolve_options(capped, ItemOptions(verify_timeout_s=1)).verify_timeout_s == 1
+
+
+async def test_a_failing_forward_pass_fails_only_the_trajectories_in_it(inner, settings, verifier, monkeypatch):
+    import types
+
+    real = HFBackend._forward
+
+    def flaky(self, group, *args):
+        if any(seg.traj == 0 for seg in group):
+            raise ValueError("kernel refused this shape")  # not a RuntimeError
+        return real(self, group, *args)
+
+    monkeypatch.setattr(inner, "_forward", types.MethodType(flaky, inner))
+    long = {**ITEM, "id": "long", "completion": "<think>\n" + "\n".join(f"step {i} adds 0" for i in range(30)) + "\n</think>\n<answer>5</answer>"}
+    response = await score_with(inner, settings, verifier, lambda out: out, [ITEM, long])
+    assert response.status_code == 200
+    first, second = response.json()["results"]
+    assert first["error"]["code"] == "backend_error" and "kernel refused" in first["error"]["message"]
+    assert second["status"] == "ok" and len(second["steps"]) == 30

@@ -102,3 +102,10 @@ def test_only_packed_trajectories_share_a_prefix():
     assert any(p.shared >= 40 for p in both.passes)
     limited = plan_batch([a, b], strategy="packed", rule=PackingRule(window=60), share_min_tokens=8, **BUDGETS)
     assert all(p.shared == 0 for p in limited.passes)
+
+
+def test_a_token_id_past_the_embedding_fails_only_its_trajectory():
+    bad = TrajectoryProbes(trunk=[1, 2, 50_000], contexts=[[1, 2, 50_000, 3]], references=[[5]])
+    plan = plan_batch([traj(4, 4, [4, 8]), bad], strategy="packed", share_min_tokens=0, vocab_rows=49_152, **BUDGETS)
+    assert "outside the model's embedding" in plan.failed[1] and 0 not in plan.failed
+    assert {s.traj for p in plan.passes for g in p.groups for s in g} == {0}

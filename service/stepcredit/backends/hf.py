@@ -207,6 +207,7 @@ class HFBackend(Backend):
         # would take gigabytes.
         self._decoder = self.model.base_model
         self._head = self.model.get_output_embeddings()
+        self._rows = int(self.model.get_input_embeddings().weight.shape[0])
         config = self.model.config
         self.rule = packing_rule(config)
         self._rope_state = []
@@ -286,6 +287,7 @@ class HFBackend(Backend):
             max_rows=self.max_batch_rows,
             max_padding=self.max_padding,
             share_min_tokens=self.share_min_tokens,
+            vocab_rows=self._rows,
         )
         failed: dict[int, Exception] = {t: BackendError(reason) for t, reason in plan.failed.items()}
         sums = [[[0.0] * len(tr.references) for _ in tr.contexts] for tr in batch]
@@ -340,6 +342,10 @@ class HFBackend(Backend):
             log.exception("forward pass failed")
             for t in owners:
                 failed.setdefault(t, BackendError(f"forward pass failed: {exc}"))
+        except Exception as exc:  # any other failure is this pass's, not the batch's
+            log.exception("forward pass failed")
+            for t in owners:
+                failed.setdefault(t, BackendError(f"forward pass failed: {type(exc).__name__}: {exc}"))
         return None
 
     def _reset_rope(self) -> None:

@@ -281,13 +281,20 @@ def plan_batch(
     max_rows: int,
     max_padding: float,
     share_min_tokens: int,
+    vocab_rows: int | None = None,
 ) -> BatchPlan:
-    """Everything the backend runs for `batch`, in order."""
+    """Everything the backend runs for `batch`, in order. A trajectory with a token id
+    past `vocab_rows` (a tokenizer with tokens the model lacks) fails here: on CUDA the
+    lookup would be a device-side assert, which poisons the whole context."""
     tree: list[Segment] = []
     plain: list[Segment] = []
     failed: dict[int, str] = {}
     for t, traj in enumerate(batch):
         try:
+            if vocab_rows is not None:
+                top = max([*traj.trunk, *(i for c in traj.contexts for i in c), *(i for r in traj.references for i in r)])
+                if top >= vocab_rows:
+                    raise PlanError(f"token id {top} is outside the model's embedding ({vocab_rows} rows)")
             if strategy == "packed" and rule.packs(traj):
                 tree += packed_segments(t, traj, max_tokens, max_logit_rows)
             else:
