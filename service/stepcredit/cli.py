@@ -94,7 +94,8 @@ def _jsonl_lines(data: bytes) -> list[tuple[int, str]]:
     (and so any reader that uses it) would take for line ends: only "\n" ends
     a line here, with an optional "\r" before it.
     """
-    lines = data.decode("utf-8").split("\n")
+    # utf-8-sig: a byte-order mark some editors write is no part of line 1.
+    lines = data.decode("utf-8-sig").split("\n")
     return [(n, line.removesuffix("\r")) for n, line in enumerate(lines, 1) if line.strip()]
 
 
@@ -106,7 +107,11 @@ async def _score_file(args: argparse.Namespace) -> int:
     from .protocol import ScoreResult, Usage
 
     settings = _settings(args)
-    lines = _jsonl_lines(Path(args.input).read_bytes())
+    try:
+        lines = _jsonl_lines(Path(args.input).read_bytes())
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"stepcredit: cannot read {args.input}: {exc}", file=sys.stderr)
+        return 1
     scorer = None
     try:
         # The same start-up as `serve` (backend, verifier pool, warm-up item), so

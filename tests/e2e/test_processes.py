@@ -149,7 +149,8 @@ def test_score_cli_splits_lines_on_newline_only(tmp_path, tiny_model_path):
         json.dumps({"id": "bad\ud800", "prompt": "x", "references": ["1"]}),  # no completion, odd id
     ]
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    src.write_bytes((lines[0] + "\n" + lines[1] + "\r\n\n" + lines[2] + "\n").encode("utf-8"))
+    # A byte-order mark (some editors write one) is no part of line 1.
+    src.write_bytes(b"\xef\xbb\xbf" + (lines[0] + "\n" + lines[1] + "\r\n\n" + lines[2] + "\n").encode("utf-8"))
     assert separators in src.read_text(encoding="utf-8")
     run = run_score(src, out, tiny_model_path)
     assert run.returncode == 0, run.stderr
@@ -157,6 +158,13 @@ def test_score_cli_splits_lines_on_newline_only(tmp_path, tiny_model_path):
     assert [r["id"] for r in results] == ["raw-separators", "crlf", None]
     assert [r["status"] for r in results] == ["ok", "ok", "error"]
     assert results[0]["correct"] and results[0]["steps"][0]["char_end"] > completion.index(separators)
+
+
+def test_score_cli_refuses_input_that_is_not_utf8_with_a_message(tmp_path, tiny_model_path):
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_bytes(json.dumps(ITEM).encode() + b"\n\xff\xfe{}\n")
+    run = run_score(src, out, tiny_model_path)
+    assert run.returncode == 1 and "cannot read" in run.stderr and "Traceback" not in run.stderr
 
 
 def test_score_cli_exits_with_status_1_and_a_message_when_the_model_cannot_load(tmp_path):

@@ -14,6 +14,8 @@ the count is missing, or the garbage could not even be serialized (the server's 
 
 from __future__ import annotations
 
+import logging
+
 import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -38,12 +40,25 @@ class ProbeRows:
     """The cache-reading answer was unusable and the probe was sent again without it."""
 
 
+log = logging.getLogger(__name__)
+_warned_unknown_cache: list[bool] = []
+
+
 def rows_trusted(cached_tokens: int | None, context_len: int, read_cache: bool) -> bool:
     """Whether a probe's reference rows were computed rather than read from the cache."""
     if not read_cache:
         return True
     if cached_tokens is None:
-        return False  # a server that does not say how much it read cannot be trusted
+        # A server that does not say how much it read cannot be trusted: every probe is
+        # then sent twice (start vLLM with --enable-prompt-tokens-details).
+        if not _warned_unknown_cache:
+            _warned_unknown_cache.append(True)
+            log.warning(
+                "the vLLM engine does not report num_cached_tokens: each probe that reads the "
+                "prefix cache is resubmitted without it (twice the requests); for vllm serve, "
+                "start it with --enable-prompt-tokens-details"
+            )
+        return False
     return cached_tokens <= context_len - 1
 
 
