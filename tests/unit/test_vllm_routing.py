@@ -152,7 +152,7 @@ def test_a_failed_trial_starts_a_new_cool_off_and_an_abandoned_one_is_retried():
     health.failed("timed out")
     clock.now += 10
     assert health.admit() == "trial"
-    health.failed("timed out again")
+    health.failed("timed out again", trial=True)
     assert health.admit() == "no" and "again" in health.describe()
     clock.now += 10
     assert health.admit() == "trial"
@@ -160,3 +160,17 @@ def test_a_failed_trial_starts_a_new_cool_off_and_an_abandoned_one_is_retried():
     assert health.admit() == "trial"
     with pytest.raises(ValueError):
         CoolOff(0)
+
+
+def test_a_late_failure_of_a_request_sent_before_the_trial_leaves_the_trial_alone():
+    clock = FakeClock()
+    health = CoolOff(10.0, clock)
+    health.failed("timed out")
+    clock.now += 10
+    assert health.admit() == "trial"
+    health.failed("an old request timed out late")  # not the trial: says nothing new
+    assert health.admit() == "wait"  # still one trial, and only one
+    clock.now += 15
+    assert health.admit() == "wait"
+    health.trial_passed()
+    assert health.up

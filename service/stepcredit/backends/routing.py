@@ -187,8 +187,12 @@ class CoolOff:
         self.trial = True
         return "trial"
 
-    def failed(self, reason: str) -> None:
-        """A request failed for want of the server: set it aside (again)."""
+    def failed(self, reason: str, trial: bool = False) -> None:
+        """A request failed for want of the server: set it aside (again). A request sent
+        before a trial began that fails late says nothing new: the trial in flight decides
+        (resetting here would let a second trial start beside it)."""
+        if self.trial and not trial:
+            return
         self.until = self.clock() + self.seconds
         self.reason = reason
         self.trial = False

@@ -306,12 +306,12 @@ class VLLMRemoteBackend(Backend):
                 raise _Unavailable(server.health.describe())
             await server.trial_done.wait()
 
-    def _failed(self, server: _Server, problem: str) -> _Unavailable:
+    def _failed(self, server: _Server, problem: str, trial: bool) -> _Unavailable:
         if server.health.up:
             log.warning("vllm-remote: setting %s aside for %.0f s: %s", server.url, self.cooloff_s, problem)
         elif server.health.trial:
             log.warning("vllm-remote: %s still fails (%s): aside for %.0f s more", server.url, problem, self.cooloff_s)
-        server.health.failed(problem)
+        server.health.failed(problem, trial=trial)
         return _Unavailable(problem)
 
     async def _post(self, server: _Server, url: str, body: dict) -> dict:
@@ -336,7 +336,7 @@ class VLLMRemoteBackend(Backend):
                 except (httpx.TimeoutException, httpx.ConnectError) as exc:
                     # Not retried: a hung server would cost a timeout per attempt, and one
                     # that refuses connections is down; the cool-off's trial finds it back.
-                    raise self._failed(server, f"{type(exc).__name__}: {exc or 'no detail'}") from None
+                    raise self._failed(server, f"{type(exc).__name__}: {exc or 'no detail'}", trial) from None
                 except httpx.TransportError as exc:  # e.g. a kept-alive connection dropped
                     response, problem = None, f"{type(exc).__name__}: {exc}"
             if response is not None:
@@ -356,7 +356,7 @@ class VLLMRemoteBackend(Backend):
                     raise BackendError(f"{server.url} rejected a probe ({response.status_code}): {response.text[:300]}")
                 problem = f"HTTP {response.status_code}"
             if attempt == self.retries:
-                raise self._failed(server, f"{problem} after {attempt + 1} attempts")
+                raise self._failed(server, f"{problem} after {attempt + 1} attempts", trial)
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay *= 2
         raise AssertionError("unreachable")
