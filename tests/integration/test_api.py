@@ -239,6 +239,7 @@ async def test_unencodable_text_and_non_finite_numbers_are_item_errors_not_500(c
         ('{"items": [{}], "options": {"probe_prefix": "\\ud800"}}', "options.probe_prefix"),
         ('{"items": [{}], "options": {"step_split": "words"}}', "options.step_split"),
         ('{not json', "body"),
+        ('{"items": [{"id": ' + "9" * 5000 + '}]}', "body"),  # past Python's int-string limit
     ],
 )
 async def test_malformed_request_is_422_naming_the_field(client, raw, field):

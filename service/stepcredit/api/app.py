@@ -19,7 +19,9 @@ from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -193,6 +195,14 @@ def create_app(
         message = "; ".join(f"{d['field']}: {d['message']}" for d in details[:3])
         field = details[0]["field"] if details else "body"
         return _error(422, "invalid_request", message or "malformed request", field=field, errors=details)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        # A body Python's JSON reader refuses after FastAPI's own checks (an integer of
+        # more than 4,300 digits) comes as a bare 400: answer it like any malformed body.
+        if exc.status_code == 400 and "parsing the body" in str(exc.detail):
+            return _error(422, "invalid_request", "the body could not be parsed as JSON", field="body")
+        return await http_exception_handler(request, exc)
 
     @app.exception_handler(LimitError)
     async def _limit(request: Request, exc: LimitError) -> JSONResponse:
