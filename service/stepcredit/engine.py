@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -336,12 +335,11 @@ class Scorer:
 
 
 def _shape_problem(logliks: object, contexts: int, references: int) -> str | None:
+    """A result for every probe and reference? (Finiteness is `mig_credit`'s check.)"""
     if not isinstance(logliks, list) or len(logliks) != contexts:
         got = len(logliks) if isinstance(logliks, list) else type(logliks).__name__
         return f"the backend returned {got} probe results for {contexts} probes"
     for k, row in enumerate(logliks):
         if len(row) != references:
             return f"the backend returned {len(row)} reference results for probe {k}, expected {references}"
-        if not all(isinstance(x, float | int) and math.isfinite(x) for x in row):
-            return f"non-finite likelihood after probe {k}: {row}"
     return None

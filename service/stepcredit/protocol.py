@@ -14,6 +14,7 @@ every number must be finite.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -46,6 +47,7 @@ __all__ = [
     "parse_item",
     "parse_items",
     "describe_validation_error",
+    "field_path",
 ]
 
 Format = Literal["think_answer", "boxed", "regex"]
@@ -204,14 +206,19 @@ class LimitError(ValueError):
         self.field = field
 
 
+def field_path(loc: Sequence[str | int], where: str = "") -> str:
+    """A pydantic error location as a field name: ("references", 0) under "items[3]"
+    is "items[3].references[0]"; an empty one is `where`, or "body"."""
+    path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc)
+    return f"{where}{path}".lstrip(".") or "body"
+
+
 def describe_validation_error(exc: ValidationError, where: str = "", most: int = 3) -> str:
     """The first few errors, each naming its field; never the input value (it may
     be huge, non-finite or not encodable)."""
     parts = []
     for error in exc.errors(include_input=False, include_url=False)[:most]:
-        loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"])
-        field = f"{where}{loc}".lstrip(".") or where or "body"
-        parts.append(f"{field}: {error['msg']}")
+        parts.append(f"{field_path(error['loc'], where)}: {error['msg']}")
     more = exc.error_count() - most
     return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
 
@@ -229,15 +236,12 @@ def _echo_id(raw: Any) -> str | None:
 
 def parse_item(raw: Any, limits: Limits, where: str) -> ScoreItem | ScoreResult:
     """Validate one raw item: a ScoreItem, or its `invalid_item` result naming the field."""
-    if isinstance(raw, ScoreItem):
-        item = raw
-    elif not isinstance(raw, dict):
+    if not isinstance(raw, dict):
         return ScoreResult.failure(None, "invalid_item", f"{where}: an item must be a JSON object")
-    else:
-        try:
-            item = ScoreItem.model_validate(raw)
-        except ValidationError as exc:
-            return ScoreResult.failure(_echo_id(raw), "invalid_item", describe_validation_error(exc, where))
+    try:
+        item = ScoreItem.model_validate(raw)
+    except ValidationError as exc:
+        return ScoreResult.failure(_echo_id(raw), "invalid_item", describe_validation_error(exc, where))
     try:
         check_item(item, limits, where)
     except LimitError as exc:
@@ -251,15 +255,14 @@ def parse_items(raw_items: list[Any], limits: Limits, where: str = "items") -> l
 
 
 def check_limits(request: ScoreRequest, limits: Limits) -> None:
+    """The request's own limits (item count, request options); each item's are
+    checked by `parse_item`."""
     if len(request.items) > limits.max_items_per_request:
         raise LimitError(
             413, "items", f"{len(request.items)} items, limit {limits.max_items_per_request}"
         )
     if request.options is not None:
         check_options(request.options, limits, "options")
-    for i, item in enumerate(request.items):
-        if isinstance(item, ScoreItem):
-            check_item(item, limits, f"items[{i}]")
 
 
 def check_item(item: ScoreItem, limits: Limits, where: str) -> None:

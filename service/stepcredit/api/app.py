@@ -37,6 +37,7 @@ from ..protocol import (
     ScoreResult,
     Usage,
     check_limits,
+    field_path,
     parse_items,
 )
 from .compat import register_compat_routes
@@ -283,8 +284,7 @@ def _field(error: dict) -> str:
     """`items`, `options.acc_weight`, or `body` for the body as a whole."""
     if error.get("type") == "json_invalid":
         return "body"  # its location is a character offset
-    loc = [p for p in error.get("loc", ()) if p != "body"]
-    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "body"
+    return field_path([p for p in error.get("loc", ()) if p != "body"])
 
 
 async def _unless_disconnected(request: Request, work):

@@ -290,17 +290,17 @@ def plan_batch(
     plain: list[Segment] = []
     failed: dict[int, str] = {}
     for t, traj in enumerate(batch):
+        packs = strategy == "packed" and rule.packs(traj)
         try:
-            if vocab_rows is not None:
-                top = max([*traj.trunk, *(i for c in traj.contexts for i in c), *(i for r in traj.references for i in r)])
-                if top >= vocab_rows:
-                    raise PlanError(f"token id {top} is outside the model's embedding ({vocab_rows} rows)")
-            if strategy == "packed" and rule.packs(traj):
-                tree += packed_segments(t, traj, max_tokens, max_logit_rows)
-            else:
-                plain += per_prefix_segments(t, traj)
+            segments = packed_segments(t, traj, max_tokens, max_logit_rows) if packs else per_prefix_segments(t, traj)
+            # Only the tokens that will be forwarded are looked at.
+            top = max(max(seg.ids) for seg in segments)
+            if vocab_rows is not None and top >= vocab_rows:
+                raise PlanError(f"token id {top} is outside the model's embedding ({vocab_rows} rows)")
         except PlanError as exc:
             failed[t] = str(exc)
+            continue
+        (tree if packs else plain).extend(segments)
 
     budgets = dict(max_tokens=max_tokens, max_logit_rows=max_logit_rows, max_rows=max_rows, max_padding=max_padding)
     passes: list[Pass] = []
