@@ -1,0 +1,122 @@
+"""Score rollouts through the service, and measure a policy on a split.
+
+`score_rollouts` is the trainer's only contact with the service: it sends the
+policy's own token ids (the policy and the scorer share a tokenizer, checked
+at start), so the service reports step ends as indices into those tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from stepcredit_client import Client, ScoreResult
+
+from .rollout import Policy, Rollout
+from .tasks import Problem
+
+__all__ = ["Scored", "evaluate", "score_rollouts"]
+
+
+@dataclass
+class Scored:
+    results: list[ScoreResult | None]
+    """One per rollout, in order; None where no result arrived (a failed request)."""
+    revisions: list[str]
+    """The model revision(s) that scored them."""
+    request_error: str | None = None
+
+
+def score_rollouts(client: Client, rollouts: Sequence[Rollout], options: dict) -> Scored:
+    """Results in rollout order. A failed request does not stop training: its items
+    come back as None (they are masked out, never rewarded 0)."""
+    from stepcredit_client import IncompleteBatchError, StepCreditError
+
+    items = [
+        {
+            "id": str(i),
+            "prompt": r.prompt,
+            "completion": r.completion,
+            "references": list(r.problem.references),
+            "completion_token_ids": r.completion_ids,
+        }
+        for i, r in enumerate(rollouts)
+    ]
+    try:
+        response = client.score(items, options)
+    except IncompleteBatchError as exc:
+        return Scored(list(exc.results), [], f"{type(exc).__name__}: {exc}")
+    except StepCreditError as exc:
+        return Scored([None] * len(items), [], f"{type(exc).__name__}: {exc}")
+    return Scored(list(response.results), [response.model.revision or ""])
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+def evaluate(
+    policy: Policy,
+    client: Client,
+    problems: Sequence[Problem],
+    *,
+    system_prompt: str,
+    response_prefix: str,
+    max_new_tokens: int,
+    options: dict,
+    samples: int = 1,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    batch_prompts: int = 16,
+) -> dict[str, float]:
+    """Accuracy of the policy on `problems`.
+
+    samples == 1: greedy decoding, `accuracy` = fraction correct. samples > 1:
+    sampled at `temperature`, `pass@1` (mean fraction correct per prompt, the
+    unbiased estimator with n = k·samples) and `pass@{samples}` (prompts with any
+    correct sample). Failed items are counted in `eval_errors` and left out.
+    """
+    greedy = samples == 1
+    correct: list[list[bool]] = []
+    formats, steps, tokens, migs, errors = [], [], [], [], 0
+    for start in range(0, len(problems), batch_prompts):
+        chunk = problems[start : start + batch_prompts]
+        rollouts = policy.sample(
+            chunk,
+            system_prompt=system_prompt,
+            response_prefix=response_prefix,
+            group_size=samples,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            greedy=greedy,
+        )
+        scored = score_rollouts(client, rollouts, options)
+        for p in range(len(chunk)):
+            group = []
+            for r, result in zip(rollouts[p * samples : (p + 1) * samples], scored.results[p * samples : (p + 1) * samples]):
+                if result is None or result.status != "ok":
+                    errors += 1
+                    continue
+                group.append(bool(result.correct))
+                formats.append(float(bool(result.format_ok)))
+                steps.append(float(len(result.steps)))
+                migs.append(result.mig_reward)
+                tokens.append(float(len(r.sampled_ids)))
+            if group:
+                correct.append(group)
+    out = {
+        "eval_format": _mean(formats),
+        "eval_steps": _mean(steps),
+        "eval_tokens": _mean(tokens),
+        "eval_mig": _mean(migs),
+        "eval_errors": float(errors),
+        "eval_prompts": float(len(correct)),
+    }
+    if greedy:
+        out["eval_accuracy"] = _mean([float(g[0]) for g in correct])
+    else:
+        out["eval_pass@1"] = _mean([sum(g) / len(g) for g in correct])
+        out[f"eval_pass@{samples}"] = _mean([float(any(g)) for g in correct])
+    return out

@@ -1,0 +1,105 @@
+"""Prompts and reference answers from reasoning-gym's procedural datasets.
+
+`reasoning_gym.create_dataset(name, size=, seed=, **params)` generates the
+questions offline; the train and eval splits use different seeds. Each
+answer is sent to the service with its equivalent forms (integer 12 and 12.0,
+a fraction and its decimal): the step likelihood takes the best variant, the
+verdict accepts any (SPEC 4 and 6).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from fractions import Fraction
+
+from .config import TaskConfig
+
+__all__ = ["Problem", "TaskError", "load_split", "reference_variants"]
+
+
+class TaskError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Problem:
+    id: str
+    question: str
+    references: tuple[str, ...]
+    """The dataset's answer first, then its equivalent forms."""
+
+
+_INTEGER = re.compile(r"[+-]?\d{1,60}")
+_DECIMAL = re.compile(r"[+-]?\d{0,60}\.\d{1,60}")
+_FRACTION = re.compile(r"([+-]?\d{1,60})\s*/\s*(\d{1,60})")
+
+
+def _decimal_text(value: Fraction) -> str | None:
+    """The exact decimal of a fraction whose denominator has only 2s and 5s."""
+    denominator = value.denominator
+    for p in (2, 5):
+        while denominator % p == 0:
+            denominator //= p
+    if denominator != 1:
+        return None
+    digits = 0
+    while (value * 10**digits).denominator != 1:
+        digits += 1
+    scaled = abs(value.numerator * 10**digits // value.denominator)
+    whole, frac = divmod(scaled, 10**digits)
+    sign = "-" if value < 0 else ""
+    return f"{sign}{whole}.{frac:0{digits}d}" if digits else f"{sign}{whole}"
+
+
+def reference_variants(answer: str) -> tuple[str, ...]:
+    """The answer and its equivalent numeric forms, answer first, no duplicates.
+
+    Numbers are read by pattern and `fractions.Fraction` (never evaluated);
+    anything else (expressions, words, lists) stays the answer alone.
+    """
+    text = answer.strip()
+    forms = [text]
+    if _INTEGER.fullmatch(text):
+        forms.append(f"{int(text)}.0")
+    elif _DECIMAL.fullmatch(text):
+        value = Fraction(text)
+        if value.denominator == 1:
+            forms.append(str(value.numerator))
+        else:
+            forms.append(f"{value.numerator}/{value.denominator}")
+    elif match := _FRACTION.fullmatch(text):
+        numerator, denominator = int(match[1]), int(match[2])
+        if denominator != 0:
+            value = Fraction(numerator, denominator)
+            if value.denominator == 1:
+                forms.append(str(value.numerator))
+            decimal = _decimal_text(value)
+            if decimal is not None:
+                forms.append(decimal)
+    out: list[str] = []
+    for form in forms:
+        if form and form not in out:
+            out.append(form)
+    return tuple(out)
+
+
+def load_split(task: TaskConfig, split: str) -> list[Problem]:
+    """The `train` or `eval` split of the configured reasoning-gym dataset."""
+    import reasoning_gym
+
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be train or eval, not {split!r}")
+    size, seed = (task.train_size, task.train_seed) if split == "train" else (task.eval_size, task.eval_seed)
+    try:
+        dataset = reasoning_gym.create_dataset(task.name, size=size, seed=seed, **task.params)
+    except Exception as exc:  # unknown name, or params the dataset's config refuses
+        raise TaskError(f"task.name / task.params: reasoning-gym cannot make {task.name!r}: {exc}") from None
+    problems = []
+    for index in range(size):
+        entry = dataset[index]
+        answer = entry.get("answer")
+        if not isinstance(answer, str) or not answer.strip():
+            raise TaskError(f"task {task.name!r} item {index} has no answer string; it cannot be scored")
+        problems.append(Problem(f"{task.name}-{split}-{seed}-{index}", entry["question"], reference_variants(answer)))
+    return problems
