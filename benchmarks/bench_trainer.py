@@ -115,7 +115,7 @@ def experiment(args) -> dict:
                 import shutil
 
                 shutil.rmtree(out)
-            if not (out / "checkpoints" / "final").exists():
+            if not (out / "done").exists():
                 overrides = {"objective": ARMS[arm], "run": {"seed": seed, "name": f"{arm}-seed{seed}", "steps": args.steps}}
                 config = load_config(args.config, overrides)
                 started = time.perf_counter()
@@ -124,11 +124,8 @@ def experiment(args) -> dict:
                 # Checkpoints are not results: keep the metrics, drop the weights.
                 import shutil
 
-                for folder in (out / "checkpoints").iterdir():
-                    if folder.name != "final":
-                        shutil.rmtree(folder, ignore_errors=True)
-                for weights in (out / "checkpoints" / "final").glob("*.safetensors"):
-                    weights.unlink()
+                shutil.rmtree(out / "checkpoints", ignore_errors=True)
+                (out / "done").write_text("finished\n")
             runs[arm].append(out)
 
     summary = []

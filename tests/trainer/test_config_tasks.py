@@ -30,7 +30,9 @@ def test_defaults_are_trl_grpo_defaults():
     objective = TrainConfig().objective
     assert (objective.epsilon, objective.epsilon_high, objective.kl_beta) == (0.2, None, 0.0)
     assert objective.aggregation == "token" and objective.scale_rewards == "group"
-    assert TrainConfig().rollout.temperature == 1.0 and TrainConfig().optim.max_grad_norm == 1.0
+    assert TrainConfig().optim.max_grad_norm == 1.0
+    # Measured otherwise (BENCHMARKS.md): the sampling temperature.
+    assert TrainConfig().rollout.temperature == 0.7
 
 
 @pytest.mark.parametrize(

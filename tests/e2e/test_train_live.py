@@ -1,0 +1,142 @@
+"""The reference trainer end to end against real `stepcredit serve` processes:
+`stepcredit-train --config` samples, scores through the client, updates the
+policy, reloads the service onto it (the live scorer), evaluates, checkpoints
+and plots. A tiny random Llama with SmolLM2's tokenizer plays policy and scorer."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+from safetensors.torch import load_file
+
+from tests.conftest import cache_dir
+from tests.e2e.test_processes import free_port
+
+BIN = Path(sys.executable).parent
+
+
+@contextmanager
+def serve(model: Path, **env_extra):
+    port = free_port()
+    env = {**os.environ, "STEPCREDIT_CACHE_DIR": str(cache_dir()), **env_extra}
+    proc = subprocess.Popen(
+        [str(BIN / "stepcredit"), "serve", "--model", str(model), "--port", str(port), "--device", "cpu"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+        else:
+            pytest.fail("stepcredit serve did not become ready in 120 s")
+        yield base
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def config_text(model: Path, **sections) -> str:
+    base = {
+        "policy": {"model": str(model)},
+        "task": {"name": "chain_sum", "params": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1},
+                 "train_size": 8, "eval_size": 2},
+        "rollout": {"group_size": 2, "prompts_per_step": 2, "max_new_tokens": 8},
+        "objective": {"alpha": 1.0, "beta": 1.0, "gamma": 0.1, "mig_reading": "step"},
+        "optim": {"learning_rate": 1e-3, "micro_batch_size": 3},
+        "run": {"name": "e2e", "steps": 2, "eval_every": 0, "reload_every": 1, "scorer": "live"},
+    }
+    for name, values in sections.items():
+        base[name] = {**base[name], **values}
+    lines = []
+    for name, values in base.items():
+        lines.append(f"[{name}]")
+        for key, value in values.items():
+            lines.append(f"{key} = {json.dumps(value) if not isinstance(value, dict) else '{ ' + ', '.join(f'{k} = {json.dumps(v)}' for k, v in value.items()) + ' }'}")
+    return "\n".join(lines) + "\n"
+
+
+def run_train(tmp_path: Path, base: str, text: str) -> tuple[subprocess.CompletedProcess, Path]:
+    config = tmp_path / "run.toml"
+    config.write_text(text)
+    out = tmp_path / "out"
+    env = {**os.environ, "STEPCREDIT_URL": base}
+    done = subprocess.run(
+        [str(BIN / "stepcredit-train"), "--config", str(config), "--output-dir", str(out)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    return done, out
+
+
+def records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+def test_train_updates_the_policy_and_the_service_scores_with_it(tmp_path, tiny_model_path):
+    with serve(tiny_model_path) as base:
+        done, out = run_train(tmp_path, base, config_text(tiny_model_path))
+        assert done.returncode == 0, done.stdout + done.stderr
+        served = httpx.get(f"{base}/v1/model", timeout=10).json()
+
+    train = records(out / "metrics.jsonl")
+    assert [r["step"] for r in train] == [1, 2]
+    for r in train:
+        assert r["items_failed"] == 0 and r["request_error"] is None
+        assert all(isinstance(r[k], float) for k in ("loss/loss", "loss/outcome", "loss/mig", "loss/sft", "grad_norm"))
+        assert r["targets/n_valid"] == 4
+    # The live scorer: step k was scored by the checkpoint saved after step k-1.
+    assert [r["revision"] for r in train] == ["e2e-step-0", "e2e-step-1"]
+    assert served["revision"] == "e2e-step-1"
+    evals = records(out / "eval.jsonl")
+    assert [e["step"] for e in evals] == [0, 2] and all(e["eval_prompts"] == 2 for e in evals)
+    run = json.loads((out / "run.json").read_text())
+    assert run["initial_revision"] == "e2e-step-0" and run["revisions"]["2"] == ["e2e-step-1"]
+    assert json.loads((out / "config.json").read_text())["run"]["name"] == "e2e"
+    # The update moved the weights.
+    before = load_file(tiny_model_path / "model.safetensors")
+    after = load_file(out / "checkpoints" / "final" / "model.safetensors")
+    assert any(not before[k].equal(after[k]) for k in before)
+    for name in ("accuracy.png", "rewards.png", "steps.png"):
+        assert (out / "plots" / name).stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_items_the_service_fails_are_counted_and_masked_not_rewarded(tmp_path, tiny_model_path):
+    """A service whose token limit refuses every completion: each item is an error,
+    the loop masks them (no reward, no gradient), logs them and keeps going."""
+    with serve(tiny_model_path, STEPCREDIT_MAX_TOKEN_IDS="16") as base:
+        text = config_text(
+            tiny_model_path,
+            rollout={"max_new_tokens": 24, "temperature": 1.0},
+            run={"scorer": "frozen", "steps": 1},
+            objective={"gamma": 1.0},
+        )
+        done, out = run_train(tmp_path, base, text)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (record,) = records(out / "metrics.jsonl")
+    truncated = record["truncated"]
+    assert record["items_failed"] == record["targets/n_failed"] == round(4 * truncated)
+    if truncated == 1.0:  # nothing stopped early: nothing was scored, nothing was learned
+        assert record["reward_outcome"] is None and record["grad_norm"] == 0.0
+        before = load_file(tiny_model_path / "model.safetensors")
+        after = load_file(out / "checkpoints" / "final" / "model.safetensors")
+        assert all(before[k].equal(after[k]) for k in before)
