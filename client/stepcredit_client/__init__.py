@@ -16,6 +16,11 @@ A failed item is never a reward of 0: the service marks it `status: "error"`,
 `scalar_rewards` turns it into None, and `scalar_reward` / `token_rewards`
 raise `ItemFailedError`.
 
+`client.reload(checkpoint_dir, revision="step-100")` makes the service score with
+the policy's new checkpoint; every later response's `model.revision` names it. A
+split batch whose requests straddled a reload raises `MixedRevisionsError` rather
+than claim one revision for all its items.
+
 Exceptions:
 
     StepCreditError                  base of everything raised here
@@ -32,6 +37,8 @@ Exceptions:
     ├── ResponseFormatError          a 2xx whose body is not the contract
     ├── IncompleteBatchError         some requests of a split batch failed;
     │                                .results has None for their items, .errors says why
+    ├── MixedRevisionsError          a split batch was scored by two model revisions (a reload);
+    │                                .results and .models (per item) say which
     ├── ItemFailedError              a reward was asked of a failed or missing result
     └── AlignmentError               steps cannot be placed on the policy's tokens
 
@@ -49,6 +56,7 @@ from ._exceptions import (
     IncompleteBatchError,
     InvalidRequestError,
     ItemFailedError,
+    MixedRevisionsError,
     PayloadTooLargeError,
     RateLimitError,
     RequestTimeout,
@@ -63,6 +71,7 @@ from ._models import (
     ErrorInfo,
     ItemOptions,
     ModelInfo,
+    ReloadResponse,
     ScoreItem,
     ScoreResponse,
     ScoreResult,
@@ -87,6 +96,7 @@ __all__ = [
     "ModelInfo",
     "Usage",
     "ScoreResponse",
+    "ReloadResponse",
     "RewardWeights",
     "TokenRewards",
     "require_ok",
@@ -109,6 +119,7 @@ __all__ = [
     "ServerError",
     "ResponseFormatError",
     "IncompleteBatchError",
+    "MixedRevisionsError",
     "ItemFailedError",
     "AlignmentError",
 ]

@@ -4,6 +4,7 @@ boundary, the retry decision, batch splitting and merging. No I/O here."""
 from __future__ import annotations
 
 import email.utils
+import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -18,6 +19,7 @@ from ._exceptions import (
     ConnectionFailed,
     IncompleteBatchError,
     InvalidRequestError,
+    MixedRevisionsError,
     PayloadTooLargeError,
     RateLimitError,
     RequestTimeout,
@@ -27,11 +29,14 @@ from ._exceptions import (
     StepCreditError,
     TransportError,
 )
-from ._models import ItemOptions, ScoreItem, ScoreResponse, ScoreResult, Usage
+from ._models import ItemOptions, ModelInfo, ScoreItem, ScoreResponse, ScoreResult, Usage
 
-__all__ = ["BaseClient", "ItemLike"]
+__all__ = ["BaseClient", "ItemLike", "RELOAD_TIMEOUT"]
 
 ItemLike = ScoreItem | Mapping[str, Any]
+
+# Loading a checkpoint of billions of parameters from disk takes minutes, not seconds.
+RELOAD_TIMEOUT = httpx.Timeout(900.0, connect=5.0)
 
 _STATUS_ERRORS: dict[int, type[APIError]] = {
     401: AuthenticationError,
@@ -58,6 +63,14 @@ class BaseClient:
     def _chunks(self, items: Sequence[ScoreItem]) -> list[tuple[int, Sequence[ScoreItem]]]:
         size = self.config.chunk_size
         return [(start, items[start : start + size]) for start in range(0, len(items), size)]
+
+    @staticmethod
+    def _reload_payload(path: str | os.PathLike, revision: str | None) -> dict:
+        # The path is the service machine's: sent as given, never resolved here.
+        body: dict = {"path": os.fspath(path)}
+        if revision is not None:
+            body["revision"] = revision
+        return body
 
     @staticmethod
     def _payload(chunk: Sequence[ScoreItem], options: ItemOptions | Mapping | None) -> dict:
@@ -97,12 +110,18 @@ class BaseClient:
             cls = ServerError if status >= 500 else InvalidRequestError
         return cls(status, code, message, body, _retry_after(response))
 
-    def _retry_delay(self, attempt: int, error: StepCreditError) -> float | None:
-        """Seconds to wait before trying again, or None to give up with `error`."""
+    def _retry_delay(
+        self, attempt: int, error: StepCreditError, cause: httpx.TransportError | None = None, idempotent: bool = True
+    ) -> float | None:
+        """Seconds to wait before trying again, or None to give up with `error`. A request
+        that is not `idempotent` is sent again after a connection failure only when the
+        connection was never made (`cause` a connect error): the first may have been done."""
         retry = self.config.retry
         if attempt + 1 >= retry.max_attempts:
             return None
         if isinstance(error, ConnectionFailed):
+            if not idempotent and not isinstance(cause, httpx.ConnectError | httpx.ConnectTimeout):
+                return None
             return retry.delay(attempt, None)
         if isinstance(error, APIError) and error.status in retry.statuses:
             return retry.delay(attempt, error.retry_after)
@@ -119,7 +138,10 @@ class BaseClient:
 
     @staticmethod
     def _merge(n_items: int, outcomes: list[tuple[int, ScoreResponse | StepCreditError]]) -> ScoreResponse:
+        """One response for a split batch. A reload between its requests may have scored
+        them with different weights: then no single `model` is true (MixedRevisionsError)."""
         results: list[ScoreResult | None] = [None] * n_items
+        models: list[ModelInfo | None] = [None] * n_items
         errors: dict[int, StepCreditError] = {}
         usage, model = Usage(), None
         for start, outcome in outcomes:
@@ -127,11 +149,14 @@ class BaseClient:
                 errors[start] = outcome
                 continue
             results[start : start + len(outcome.results)] = outcome.results
+            models[start : start + len(outcome.results)] = [outcome.model] * len(outcome.results)
             usage, model = usage + outcome.usage, model or outcome.model
         if errors:
             if model is None:  # nothing succeeded: the first failure says why
                 raise errors[min(errors)]
             raise IncompleteBatchError(results, errors, usage)
+        if len({m.revision for m in models}) > 1:
+            raise MixedRevisionsError(results, models, usage)
         return ScoreResponse(results=results, model=model, usage=usage)
 
     @staticmethod

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from ._base import BaseClient, ItemLike
+from ._base import RELOAD_TIMEOUT, BaseClient, ItemLike
 from ._config import ClientConfig
 from ._exceptions import ServiceUnavailableError, StepCreditError
-from ._models import ItemOptions, ModelInfo, ScoreItem, ScoreResponse
+from ._models import ItemOptions, ModelInfo, ReloadResponse, ScoreItem, ScoreResponse
 
 __all__ = ["Client", "AsyncClient"]
 
@@ -50,18 +51,26 @@ class Client(BaseClient):
     def close(self) -> None:
         self._http.close()
 
-    def _request(self, method: str, path: str, json: dict | None = None) -> httpx.Response:
+    def _request(
+        self,
+        method: str,
+        path: str,
+        json: dict | None = None,
+        timeout: httpx.Timeout | float | None = None,
+        idempotent: bool = True,
+    ) -> httpx.Response:
         attempt = 0
         while True:
+            cause = None
             try:
-                response = self._http.request(method, path, json=json)
+                response = self._http.request(method, path, json=json, timeout=_timeout(timeout))
             except httpx.TransportError as exc:
-                error: StepCreditError = self._transport_error(exc)
+                cause, error = exc, self._transport_error(exc)
             else:
                 if response.is_success:
                     return response
                 error = self._status_error(response)
-            delay = self._retry_delay(attempt, error)
+            delay = self._retry_delay(attempt, error, cause, idempotent)
             if delay is None:
                 raise error
             time.sleep(delay)
@@ -98,6 +107,24 @@ class Client(BaseClient):
     def model(self) -> ModelInfo:
         """The scoring model (GET /v1/model)."""
         return self._parse(self._request("GET", "/v1/model"), ModelInfo)
+
+    def reload(
+        self, path: str | os.PathLike, revision: str | None = None, *, timeout: httpx.Timeout | float = RELOAD_TIMEOUT
+    ) -> ReloadResponse:
+        """Make the service score with the checkpoint folder at `path` (a path on the
+        service's machine, safetensors weights) from its next batch on; `revision` is
+        what every later response's `model.revision` says (default: a fingerprint of the
+        folder). Returns once the new weights serve.
+
+        A refused checkpoint raises InvalidRequestError (`code` "invalid_checkpoint" or
+        "incompatible_model", 422), a reload already running raises it with
+        "reload_in_progress" (409); neither is retried, and the old weights keep serving.
+        A dropped connection is not retried either (the reload may have happened:
+        `model()` tells).
+        """
+        body = self._reload_payload(path, revision)
+        response = self._request("POST", "/v1/admin/reload", body, timeout=timeout, idempotent=False)
+        return self._parse(response, ReloadResponse)
 
     def ready(self) -> bool:
         """True once the model is loaded and warmed. One try, no retry."""
@@ -144,18 +171,26 @@ class AsyncClient(BaseClient):
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _request(self, method: str, path: str, json: dict | None = None) -> httpx.Response:
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        json: dict | None = None,
+        timeout: httpx.Timeout | float | None = None,
+        idempotent: bool = True,
+    ) -> httpx.Response:
         attempt = 0
         while True:
+            cause = None
             try:
-                response = await self._http.request(method, path, json=json)
+                response = await self._http.request(method, path, json=json, timeout=_timeout(timeout))
             except httpx.TransportError as exc:
-                error: StepCreditError = self._transport_error(exc)
+                cause, error = exc, self._transport_error(exc)
             else:
                 if response.is_success:
                     return response
                 error = self._status_error(response)
-            delay = self._retry_delay(attempt, error)
+            delay = self._retry_delay(attempt, error, cause, idempotent)
             if delay is None:
                 raise error
             await asyncio.sleep(delay)
@@ -183,6 +218,14 @@ class AsyncClient(BaseClient):
         """The scoring model (GET /v1/model)."""
         return self._parse(await self._request("GET", "/v1/model"), ModelInfo)
 
+    async def reload(
+        self, path: str | os.PathLike, revision: str | None = None, *, timeout: httpx.Timeout | float = RELOAD_TIMEOUT
+    ) -> ReloadResponse:
+        """Score with the checkpoint at `path` from now on; same contract as `Client.reload`."""
+        body = self._reload_payload(path, revision)
+        response = await self._request("POST", "/v1/admin/reload", body, timeout=timeout, idempotent=False)
+        return self._parse(response, ReloadResponse)
+
     async def ready(self) -> bool:
         """True once the model is loaded and warmed. One try, no retry."""
         try:
@@ -197,3 +240,7 @@ class AsyncClient(BaseClient):
             if time.monotonic() > deadline:
                 raise ServiceUnavailableError(503, "not_ready", f"not ready after {timeout_s} s")
             await asyncio.sleep(poll_s)
+
+
+def _timeout(timeout: httpx.Timeout | float | None):
+    return httpx.USE_CLIENT_DEFAULT if timeout is None else timeout

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ._models import ScoreResult, Usage
+    from ._models import ModelInfo, ScoreResult, Usage
 
 __all__ = [
     "StepCreditError",
@@ -21,6 +21,7 @@ __all__ = [
     "ServerError",
     "ResponseFormatError",
     "IncompleteBatchError",
+    "MixedRevisionsError",
     "ItemFailedError",
     "AlignmentError",
 ]
@@ -98,6 +99,28 @@ class IncompleteBatchError(StepCreditError):
         first = next(iter(errors.values()))
         super().__init__(f"{missing} of {len(results)} items have no result; first error: {first}")
         self.results, self.errors, self.usage = results, errors, usage
+
+
+class MixedRevisionsError(StepCreditError):
+    """The requests of a split batch were scored by different model revisions (the
+    service reloaded its weights while they ran), so no one revision describes the batch.
+
+    `results` holds every item's result, `models[i]` the model that scored item i, and
+    `usage` the sum. Rewards of one batch from two policies' likelihoods are not
+    comparable: score the items again (they get the current revision) or keep the
+    results knowingly.
+    """
+
+    def __init__(self, results: list[ScoreResult], models: list[ModelInfo], usage: Usage) -> None:
+        counts: dict[str | None, int] = {}
+        for model in models:
+            counts[model.revision] = counts.get(model.revision, 0) + 1
+        said = ", ".join(f"{revision!r} for {n} items" for revision, n in counts.items())
+        super().__init__(
+            f"the batch was scored by {len(counts)} model revisions ({said}): the service reloaded its "
+            "weights while the batch ran; score the items again for one revision"
+        )
+        self.results, self.models, self.usage = results, models, usage
 
 
 class ItemFailedError(StepCreditError):

@@ -21,6 +21,7 @@ __all__ = [
     "ModelInfo",
     "Usage",
     "ScoreResponse",
+    "ReloadResponse",
 ]
 
 
@@ -126,7 +127,8 @@ class ModelInfo(_Response):
     vocab_size: int
     max_context: int
     revision: str | None = None
-    """Changes whenever the service loads new weights (None from older services)."""
+    """The weights that scored: the name `Client.reload` gave them, else a fingerprint of
+    their folder; changes whenever the service loads new weights (None from older services)."""
 
 
 class Usage(_Response):
@@ -148,3 +150,15 @@ class ScoreResponse(_Response):
     results: list[ScoreResult]
     model: ModelInfo
     usage: Usage
+
+
+class ReloadResponse(_Response):
+    """What `Client.reload` returns: the model that scores from now on."""
+
+    model: ModelInfo
+    previous_revision: str | None = None
+    mode: str
+    """`beside` (loaded while the old weights served) or `drain` (requests waited while
+    the old weights were freed and the new ones loaded)."""
+    load_s: float
+    """Seconds the service took, checks included."""

@@ -6,6 +6,10 @@ reaches its token budget or when the oldest waiting job has waited `max_wait_s`.
 The queue is bounded: past `max_queued` trajectories, `submit` raises
 `Overloaded` (HTTP 429 with Retry-After). A job cancelled while queued (its
 client went away) is dropped before it costs any model time.
+
+A job (one request's trajectories) always goes whole into one backend call, and
+each call reports the model that ran it. A reload swaps `backend` only inside
+`drained()`, while no call runs, so every job is scored by one model.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from .backends.base import Backend, BackendDeadError, BatchLogliks
@@ -64,7 +69,10 @@ class Batcher:
         self._queue: deque[_Job] = deque()
         self._queued = 0  # trajectories in the queue
         self._wakeup = asyncio.Event()
+        self.max_inflight = max_inflight
         self._slots = asyncio.Semaphore(max_inflight)
+        self._open = asyncio.Event()  # cleared while drained: no batch starts
+        self._open.set()
         self._loop_task: asyncio.Task | None = None
         self._inflight: set[asyncio.Task] = set()
         self._seconds_per_token = 1e-3  # refined by every batch, for Retry-After
@@ -98,6 +106,23 @@ class Batcher:
                 self._queued -= len(job.probes)
             raise
 
+    @asynccontextmanager
+    async def drained(self) -> AsyncIterator[None]:
+        """While inside, no backend call runs: the calls in flight have finished and
+        queued jobs wait (they are not failed). `backend` may be swapped here."""
+        self._open.clear()
+        held = 0
+        try:
+            for _ in range(self.max_inflight):
+                await self._slots.acquire()
+                held += 1
+            yield
+        finally:
+            for _ in range(held):
+                self._slots.release()
+            self._open.set()
+            self._wakeup.set()
+
     def _ensure_running(self) -> None:
         if self._loop_task is None or self._loop_task.done():
             self._loop_task = asyncio.get_running_loop().create_task(self._run(), name="stepcredit-batcher")
@@ -128,12 +153,16 @@ class Batcher:
                     await asyncio.wait_for(self._wakeup.wait(), remaining)
                 except TimeoutError:
                     break
+            await self._open.wait()
             await self._slots.acquire()
+            if not self._open.is_set():  # drained while this loop waited for the slot
+                self._slots.release()
+                continue
             batch = self._take()
             if not batch:
                 self._slots.release()
                 continue
-            task = asyncio.get_running_loop().create_task(self._execute(batch))
+            task = asyncio.get_running_loop().create_task(self._execute(batch, self.backend))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
 
@@ -148,12 +177,13 @@ class Batcher:
             tokens += job.tokens
         return batch
 
-    async def _execute(self, batch: list[_Job]) -> None:
+    async def _execute(self, batch: list[_Job], backend: Backend) -> None:
         try:
             started = time.perf_counter()
             flat = [p for job in batch for p in job.probes]
+            model = backend.info
             try:
-                out = await self.backend.loglikelihoods(flat)
+                out = await backend.loglikelihoods(flat)
             except BaseException as exc:
                 for job in batch:
                     if not job.future.done():
@@ -164,6 +194,7 @@ class Batcher:
             self.batches += 1
             if out.tokens_forwarded:
                 self._seconds_per_token = (time.perf_counter() - started) / out.tokens_forwarded
+            out.model = model
             self._split(batch, out)
         finally:
             self._slots.release()
@@ -178,6 +209,7 @@ class Batcher:
                 results=out.results[start : start + n],
                 tokens=out.tokens[start : start + n],
                 forward_passes=out.forward_passes,
+                model=out.model,
             )
             start += n
             if not job.future.done():

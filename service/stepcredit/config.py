@@ -56,6 +56,10 @@ class Settings(Limits):
     """When set, /v1/* requires `Authorization: Bearer <api_key>`."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Log level of the service and uvicorn."""
+    admin_reload: bool = True
+    """Serve POST /v1/admin/reload (new weights while serving; behind `api_key` when set)."""
+    admin_reload_root: Path | None = None
+    """When set, a reload may read only folders inside this one."""
 
     # --- model and backend
     backend: Literal["hf", "vllm", "vllm-remote"] = "hf"

@@ -6,7 +6,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["StepCredit", "Credit", "NonFiniteError", "mig_credit", "outcome_reward"]
+__all__ = ["StepCredit", "Credit", "NonFiniteError", "mig_credit", "outcome_reward", "shape_problem"]
 
 
 class NonFiniteError(ValueError):
@@ -60,3 +60,14 @@ def mig_credit(logliks: Sequence[Sequence[float]]) -> Credit:
 
 def outcome_reward(correct: bool, format_ok: bool, acc_weight: float, format_weight: float) -> float:
     return acc_weight * float(correct) + format_weight * float(format_ok)
+
+
+def shape_problem(logliks: object, contexts: int, references: int) -> str | None:
+    """A result for every probe and reference? (Finiteness is `mig_credit`'s check.)"""
+    if not isinstance(logliks, list) or len(logliks) != contexts:
+        got = len(logliks) if isinstance(logliks, list) else type(logliks).__name__
+        return f"the backend returned {got} probe results for {contexts} probes"
+    for k, row in enumerate(logliks):
+        if len(row) != references:
+            return f"the backend returned {len(row)} reference results for probe {k}, expected {references}"
+    return None

@@ -8,6 +8,9 @@ Data path for one batch (read top to bottom):
 3. the backend's log-likelihoods for every probe and reference;
 4. credit: watermark, gains, outcome, gates -> one ScoreResult per item.
 
+`reload` swaps in new weights between backend calls (POST /v1/admin/reload); each
+batch reports the model that scored it.
+
 An item that cannot be scored gets `status: "error"` with a code; it never
 gets a made-up number, and the other items are still scored.
 """
@@ -20,13 +23,15 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .backends.base import Backend, BackendDeadError
 from .batching import Batcher, Overloaded
 from .config import Settings
-from .credit import NonFiniteError, mig_credit, outcome_reward
+from .credit import NonFiniteError, mig_credit, outcome_reward, shape_problem
 from .probes import ProbeError, TrajectoryProbes, check_completion_ids, ids_probes, text_probes
-from .protocol import ItemOptions, ScoreItem, ScoreResult, StepResult, Usage
+from .protocol import ItemOptions, ModelInfo, ScoreItem, ScoreResult, StepResult, Usage
+from .reload import Reloader, ReloadOutcome
 from .structure import (
     BOXED_PROBE_PREFIX,
     THINK_PROBE_PREFIX,
@@ -37,7 +42,7 @@ from .structure import (
 )
 from .verify import VerifierPool, Verdict, VerifyError
 
-__all__ = ["Scorer", "ScoreBatch", "Overloaded", "ResolvedOptions", "resolve_options"]
+__all__ = ["Scorer", "ScoreBatch", "Overloaded", "ReloadOutcome", "ResolvedOptions", "resolve_options"]
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +102,22 @@ class ScoreBatch:
     results: list[ScoreResult]
     usage: Usage
     timings: dict[str, float] = field(default_factory=dict)
+    model: ModelInfo | None = None
+    """The model that computed every likelihood of the batch (the serving one when no
+    item needed the model)."""
+
+
+# Scores the warm-up at start and checks new weights before they serve.
+_WARM_ITEM = ScoreItem(
+    prompt="1+1=",
+    completion="<think>\nadd\n</think>\n<answer>2</answer>",
+    references=["2"],
+    options=ItemOptions(format="think_answer", step_split="lines", max_steps=1),
+)
 
 
 class Scorer:
     def __init__(self, backend: Backend, settings: Settings, verifier: VerifierPool | None = None) -> None:
-        self.backend = backend
         self.settings = settings
         self.tokenizer = backend.tokenizer
         self.verifier = verifier or VerifierPool(
@@ -118,6 +134,12 @@ class Scorer:
             max_inflight=backend.max_inflight_batches,
         )
         self.ready = False
+        self.reloader = Reloader(self.batcher, self.tokenizer, self._on_prepare_thread, self._warm_probes)
+
+    @property
+    def backend(self) -> Backend:
+        """The backend that scores the next batch (a reload swaps it in the batcher)."""
+        return self.batcher.backend
 
     @property
     def queue_depth(self) -> int:
@@ -127,23 +149,32 @@ class Scorer:
     async def start(self) -> None:
         await self.backend.start()
         await asyncio.to_thread(self.verifier.start)
-        warm = ScoreItem(
-            prompt="1+1=",
-            completion="<think>\nadd\n</think>\n<answer>2</answer>",
-            references=["2"],
-            options=ItemOptions(format="think_answer", step_split="lines", max_steps=1),
-        )
-        batch = await self.score([warm])
+        batch = await self.score([_WARM_ITEM])
         if batch.results[0].status != "ok":
             raise RuntimeError(f"warm-up scoring failed: {batch.results[0].error}")
+        await self.reloader.note_serving()
         self.ready = True
 
     async def close(self) -> None:
         self.ready = False
+        async with self.reloader.lock:  # a reload in progress finishes (its swap included) first
+            pass
         await self.batcher.close()
         self.verifier.close()
         self._prepare_pool.shutdown(wait=False, cancel_futures=True)
         await self.backend.aclose()
+
+    # ----------------------------------------------------------------- reload
+
+    async def reload(self, path: Path, revision: str | None = None, *, root: Path | None = None) -> ReloadOutcome:
+        """Score with the weights at `path` from the next batch on (see reload.py)."""
+        return await self.reloader.reload(path, revision, root=root)
+
+    async def _on_prepare_thread(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._prepare_pool, fn, *args)
+
+    def _warm_probes(self) -> TrajectoryProbes:
+        return self._prepare(_WARM_ITEM, None).probes
 
     # ------------------------------------------------------------------ score
 
@@ -166,6 +197,7 @@ class Scorer:
         # 3. the batcher coalesces these probes with other requests' into backend calls.
         probe_owner = [i for i, p in enumerate(prepared) if isinstance(p, _Prepared) and p.probes is not None]
         usage = Usage(items=len(items))
+        model = None
         logliks: dict[int, list[list[float]] | Exception] = {}
         if probe_owner:
             t0 = time.perf_counter()
@@ -185,6 +217,7 @@ class Scorer:
                 raise
             else:
                 timings["backend_s"] = time.perf_counter() - t0
+                model = out.model
                 usage.tokens_forwarded, usage.forward_passes = out.tokens_forwarded, out.forward_passes
                 if len(out.results) != len(probe_owner):
                     short = RuntimeError(
@@ -212,7 +245,7 @@ class Scorer:
         usage.items_ok = sum(r.status == "ok" for r in results)
         usage.items_error = len(results) - usage.items_ok
         timings["total_s"] = time.perf_counter() - started
-        return ScoreBatch(results, usage, timings)
+        return ScoreBatch(results, usage, timings, model or self.backend.info)
 
     # ---------------------------------------------------------------- prepare
 
@@ -286,7 +319,7 @@ class Scorer:
         if p.probes is not None:
             # A result for every probe and every reference, or none at all: a short
             # answer must never read as "no chain of thought".
-            problem = _shape_problem(logliks, len(p.probes.contexts), len(p.probes.references))
+            problem = shape_problem(logliks, len(p.probes.contexts), len(p.probes.references))
             if problem:
                 return ScoreResult.failure(p.item.id, "backend_error", problem)
         format_ok = p.structure.format_ok
@@ -332,14 +365,3 @@ class Scorer:
                 )
             )
         return result
-
-
-def _shape_problem(logliks: object, contexts: int, references: int) -> str | None:
-    """A result for every probe and reference? (Finiteness is `mig_credit`'s check.)"""
-    if not isinstance(logliks, list) or len(logliks) != contexts:
-        got = len(logliks) if isinstance(logliks, list) else type(logliks).__name__
-        return f"the backend returned {got} probe results for {contexts} probes"
-    for k, row in enumerate(logliks):
-        if len(row) != references:
-            return f"the backend returned {len(row)} reference results for probe {k}, expected {references}"
-    return None

@@ -41,6 +41,9 @@ __all__ = [
     "ModelInfo",
     "Usage",
     "ScoreResponse",
+    "ReloadRequest",
+    "ReloadResponse",
+    "REVISION_HEADER",
     "LimitError",
     "check_limits",
     "check_item",
@@ -173,8 +176,9 @@ class ModelInfo(BaseModel):
     vocab_size: int
     max_context: int
     revision: str | None = None
-    """Fingerprint of the weights that scored (config, weight files' names, sizes and
-    modification times): it changes whenever new weights are loaded."""
+    """The weights that scored: the name a reload gave them, else a fingerprint of their
+    folder (config, weight files' names, sizes and modification times), so it changes
+    whenever new weights are loaded."""
 
 
 class Usage(BaseModel):
@@ -195,6 +199,38 @@ class ScoreResponse(BaseModel):
     results: list[ScoreResult]
     model: ModelInfo
     usage: Usage
+
+
+REVISION_HEADER = "X-StepCredit-Revision"
+"""Response header of every scoring route (compat routes too): the `revision` of the
+weights that scored the answer."""
+
+
+def _printable_path(text: str) -> str:
+    if any(ord(c) < 32 or ord(c) == 127 for c in text):
+        raise ValueError("the path holds a control character")
+    return text
+
+
+class ReloadRequest(_Strict):
+    """POST /v1/admin/reload: score with the weights in `path` from the next batch on."""
+
+    path: Annotated[Text, AfterValidator(_printable_path)] = Field(min_length=1, max_length=4096)
+    """Absolute path of a Hugging Face model folder on the service's machine (safetensors weights)."""
+    revision: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[!-~]+$")
+    """What `model.revision` reports from now on (printable ASCII, no spaces), e.g. the
+    trainer's step; default: a fingerprint of the folder."""
+
+
+class ReloadResponse(BaseModel):
+    model: ModelInfo
+    """The model that scores from now on."""
+    previous_revision: str | None
+    mode: Literal["beside", "drain"]
+    """`beside`: loaded while the old weights served; `drain`: loaded after they were
+    freed, while requests waited (not enough memory for both, or vLLM)."""
+    load_s: float
+    """Seconds from the request to the swap, checks included."""
 
 
 class LimitError(ValueError):

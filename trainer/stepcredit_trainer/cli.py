@@ -40,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     output = args.output_dir or Path("runs") / config.run.name
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # transformers' own bars (loading, writing shards) would tear through the progress bar.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 

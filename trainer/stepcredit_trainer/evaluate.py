@@ -31,7 +31,7 @@ class Scored:
 def score_rollouts(client: Client, rollouts: Sequence[Rollout], options: dict) -> Scored:
     """Results in rollout order. A failed request does not stop training: its items
     come back as None (they are masked out, never rewarded 0)."""
-    from stepcredit_client import IncompleteBatchError, StepCreditError
+    from stepcredit_client import IncompleteBatchError, MixedRevisionsError, StepCreditError
 
     items = [
         {
@@ -44,7 +44,14 @@ def score_rollouts(client: Client, rollouts: Sequence[Rollout], options: dict) -
         for i, r in enumerate(rollouts)
     ]
     try:
-        response = client.score(items, options)
+        try:
+            response = client.score(items, options)
+        except MixedRevisionsError:
+            # Someone reloaded the service mid-batch: rewards from two models' likelihoods
+            # are not comparable, so score the whole batch again under one revision.
+            response = client.score(items, options)
+    except MixedRevisionsError as exc:
+        return Scored([None] * len(items), sorted({m.revision or "" for m in exc.models}), f"MixedRevisionsError: {exc}")
     except IncompleteBatchError as exc:
         return Scored(list(exc.results), [], f"{type(exc).__name__}: {exc}")
     except StepCreditError as exc:

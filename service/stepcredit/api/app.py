@@ -17,6 +17,7 @@ import signal
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
@@ -26,11 +27,15 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..backends import BackendDeadError, build_backend
+from ..checkpoints import ReloadError
 from ..config import Settings
 from ..engine import Overloaded, ScoreBatch, Scorer
 from ..protocol import (
+    REVISION_HEADER,
     LimitError,
     ModelInfo,
+    ReloadRequest,
+    ReloadResponse,
     ScoreItem,
     ScoreRequest,
     ScoreResponse,
@@ -50,6 +55,15 @@ log = logging.getLogger(__name__)
 
 def _error(status: int, code: str, message: str, headers: dict | None = None, **extra) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message, **extra}}, status, headers=headers)
+
+
+_RELOAD_STATUS = {
+    "invalid_checkpoint": 422,
+    "incompatible_model": 422,
+    "reload_in_progress": 409,
+    "reload_unsupported": 501,
+    "reload_disabled": 403,
+}  # any other ReloadError (out of memory while loading): 500
 
 
 class _Guard:
@@ -131,6 +145,7 @@ def create_app(
             if not current.ready:
                 await current.start()
             metrics.ready.set(1)
+            metrics.set_model(current.backend.info)
             metrics.queue_depth.set_function(lambda: current.queue_depth)
             log.info("ready: %s", current.backend.info.model_dump_json())
         except Exception as exc:  # the orchestrator restarts a process that cannot load
@@ -214,6 +229,11 @@ def create_app(
         retry = str(max(1, math.ceil(exc.retry_after_s)))
         return _error(429, "overloaded", str(exc), headers={"Retry-After": retry})
 
+    @app.exception_handler(ReloadError)
+    async def _reload_failed(request: Request, exc: ReloadError) -> JSONResponse:
+        metrics.reloads.labels(exc.code).inc()
+        return _error(_RELOAD_STATUS.get(exc.code, 500), exc.code, str(exc))
+
     @app.exception_handler(BackendDeadError)
     async def _dead(request: Request, exc: BackendDeadError) -> JSONResponse:
         log.error("backend dead, shutting down: %s", exc)
@@ -225,7 +245,7 @@ def create_app(
         return _error(503, "backend_dead", str(exc))
 
     @app.post("/v1/score", response_model=ScoreResponse, dependencies=[Depends(authorize)])
-    async def score(request: ScoreRequest, raw: Request) -> ScoreResponse:
+    async def score(request: ScoreRequest, raw: Request, response: Response) -> ScoreResponse:
         """Score a batch of items: MIG per step, outcome, gates and spans (SPEC section 7)."""
         current = ready_scorer()
         check_limits(request, limits)
@@ -249,7 +269,33 @@ def create_app(
             metrics.items.labels(result.status).inc()
             if result.error is not None:
                 metrics.item_errors.labels(result.error.code).inc()
-        return ScoreResponse(results=batch.results, model=current.backend.info, usage=batch.usage)
+        # The model that scored these items: a reload may have swapped it since.
+        model = batch.model or current.backend.info
+        response.headers[REVISION_HEADER] = model.revision or ""
+        return ScoreResponse(results=batch.results, model=model, usage=batch.usage)
+
+    @app.post("/v1/admin/reload", response_model=ReloadResponse, dependencies=[Depends(authorize)])
+    async def reload(request: ReloadRequest) -> ReloadResponse:
+        """Score with the weights in `path` from the next batch on (a trainer's new
+        checkpoint). Batches in flight finish on the old weights; on any failure the
+        old weights keep serving."""
+        if not settings.admin_reload:
+            raise _ReloadDisabled("reloads are turned off on this service (STEPCREDIT_ADMIN_RELOAD=false)")
+        current = ready_scorer()
+        try:
+            # Shielded: a client that gives up must not leave a swap half done.
+            outcome = await asyncio.shield(
+                current.reload(Path(request.path), request.revision, root=settings.admin_reload_root)
+            )
+        except BackendDeadError:  # the old weights were freed and could not be read again
+            metrics.reloads.labels("backend_dead").inc()
+            raise
+        metrics.reloads.labels("ok").inc()
+        metrics.reload_latency.observe(outcome.load_s)
+        metrics.set_model(outcome.model)
+        return ReloadResponse(
+            model=outcome.model, previous_revision=outcome.previous_revision, mode=outcome.mode, load_s=outcome.load_s
+        )
 
     @app.get("/v1/model", response_model=ModelInfo, dependencies=[Depends(authorize)])
     async def model() -> ModelInfo:
@@ -309,6 +355,10 @@ async def _unless_disconnected(request: Request, work):
 
 class _ClientGone(Exception):
     pass
+
+
+class _ReloadDisabled(ReloadError):
+    code = "reload_disabled"
 
 
 class _NotReady(Exception):

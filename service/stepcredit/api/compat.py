@@ -31,13 +31,13 @@ import math
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Query
+from fastapi import Depends, FastAPI, Query, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Discriminator, Tag, TypeAdapter, ValidationError, WithJsonSchema
 
 from ..config import Limits
 from ..engine import Scorer
-from ..protocol import ChatMessage, LimitError, ScoreItem, ScoreResult, check_item
+from ..protocol import REVISION_HEADER, ChatMessage, LimitError, ScoreItem, ScoreResult, check_item
 
 __all__ = ["register_compat_routes", "split_query"]
 
@@ -213,9 +213,13 @@ def register_compat_routes(
     `authorize` is the app's bearer-token dependency, `limits` bound every item.
     """
 
-    async def score(items: list[ScoreItem], error_reward: float | None, weights: tuple[float, float]):
+    async def score(
+        items: list[ScoreItem], error_reward: float | None, weights: tuple[float, float], response: Response
+    ):
         scorer = get_scorer()
         batch = await scorer.score(items)
+        # As on /v1/score: the weights that scored every item of this answer.
+        response.headers[REVISION_HEADER] = batch.model.revision or ""
         failed = [(i, r) for i, r in enumerate(batch.results) if r.status != "ok"]
         for i, r in failed:
             log.warning("compat item %d not scored: %s: %s", i, r.error.code, r.error.message)
@@ -246,6 +250,7 @@ def register_compat_routes(
     @app.post("/get_reward", dependencies=[Depends(authorize)], tags=["compat"])
     async def openrlhf_get_reward(
         request: OpenRLHFRequest,
+        response: Response,
         outcome_weight: float = weight_params["outcome_weight"],
         mig_weight: float = weight_params["mig_weight"],
         error_reward: float | None = weight_params["error_reward"],
@@ -271,7 +276,7 @@ def register_compat_routes(
                                    references=refs))  # fmt: skip
             # With several reward URLs, OpenRLHF shards one sample across them and
             # the others get empty lists; an error there would fail the sample.
-            signals = await score(items, error_reward, (outcome_weight, mig_weight)) if items else []
+            signals = await score(items, error_reward, (outcome_weight, mig_weight), response) if items else []
         except _Rejected as exc:
             return rejected(exc)
         extra_keys = [k for k in _SIGNAL_KEYS if k != "reward"]
@@ -285,6 +290,7 @@ def register_compat_routes(
     @app.post("/slime/reward", dependencies=[Depends(authorize)], tags=["compat"])
     async def slime_reward(
         request: SlimeRequest,
+        response: Response,
         outcome_weight: float = weight_params["outcome_weight"],
         mig_weight: float = weight_params["mig_weight"],
         error_reward: float | None = weight_params["error_reward"],
@@ -295,7 +301,7 @@ def register_compat_routes(
             prompt = {"prompt" if isinstance(request.prompt, str) else "messages": request.prompt}
             fields = {"prompt": "prompt", "messages": "prompt", "completion": "response", "references": "label"}
             item = _item(fields, "prompt", limits, **prompt, completion=request.response, references=refs)
-            (signals,) = await score([item], error_reward, (outcome_weight, mig_weight))
+            (signals,) = await score([item], error_reward, (outcome_weight, mig_weight), response)
         except _Rejected as exc:
             return rejected(exc)
         return signals

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 __all__ = ["Metrics"]
 
@@ -33,3 +33,13 @@ class Metrics:
         self.probes = Counter("stepcredit_probes", "Prefix probes run", registry=r)
         self.queue_depth = Gauge("stepcredit_queue_depth", "Batches waiting for the backend", registry=r)
         self.ready = Gauge("stepcredit_ready", "1 when the model is loaded and warmed", registry=r)
+        # Outcomes are "ok" or a reload error code: a fixed, small set.
+        self.reloads = Counter("stepcredit_reloads", "POST /v1/admin/reload by outcome", ["outcome"], registry=r)
+        self.reload_latency = Histogram(
+            "stepcredit_reload_seconds", "Duration of successful reloads", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        # One series at a time: each reload replaces the labels of the last.
+        self.model = Info("stepcredit_model", "The model that scores now", registry=r)
+
+    def set_model(self, info) -> None:
+        self.model.info({"name": info.name, "backend": info.backend, "revision": info.revision or ""})

