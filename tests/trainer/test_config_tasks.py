@@ -113,3 +113,10 @@ def test_an_unknown_task_or_bad_difficulty_names_the_field():
         config = TrainConfig.model_validate({"task": task})
         with pytest.raises(TaskError, match="task.name / task.params"):
             load_split(config.task, "train")
+
+
+def test_the_readme_documents_every_config_field():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for section, field in TrainConfig.model_fields.items():
+        for name in field.annotation.model_fields:
+            assert f"| `{section}.{name}` |" in readme, f"{section}.{name} is not in README's trainer table"
