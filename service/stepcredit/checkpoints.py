@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 _MAX_WEIGHT_FILES = 10_000
+_MAX_ENTRIES = 100_000
 _TIED_HEAD = "lm_head.weight"
 # Texts whose token ids two tokenizers must agree on: merges, normalization, BOS.
 _SAMPLES = (
@@ -107,8 +108,8 @@ def inspect_checkpoint(path: Path, *, require_safetensors: bool = True, root: Pa
     path = Path(path)
     if not path.is_absolute():
         raise InvalidCheckpoint(f"{path}: the path must be absolute (it is read on the service's machine)")
-    if root is not None and not path.resolve().is_relative_to(Path(root).resolve()):
-        raise InvalidCheckpoint(f"{path} is outside the folder reloads may read from (STEPCREDIT_ADMIN_RELOAD_ROOT)")
+    if root is not None:
+        path = _confined(path, Path(root).resolve())
     if not path.is_dir():
         raise InvalidCheckpoint(f"{path} is not a folder on the service's machine")
     try:
@@ -135,6 +136,24 @@ def inspect_checkpoint(path: Path, *, require_safetensors: bool = True, root: Pa
         has_tokenizer=any((path / name).is_file() for name in _TOKENIZER_FILES),
         fingerprint=weights_revision(path),
     )
+
+
+def _confined(path: Path, root: Path) -> Path:
+    """`path` resolved, when it and every entry in it stay inside `root`. The loaders
+    follow links: a `model.safetensors` or `tokenizer.json` linking out of the root
+    would be read as if it were inside. The resolved path is what gets loaded, so a
+    link changed after this check does not move the load."""
+    resolved = path.resolve()
+    outside = "is outside the folder reloads may read from (STEPCREDIT_ADMIN_RELOAD_ROOT)"
+    if not resolved.is_relative_to(root):
+        raise InvalidCheckpoint(f"{path} {outside}")
+    if resolved.is_dir():
+        for count, entry in enumerate(resolved.iterdir()):
+            if count >= _MAX_ENTRIES:
+                raise InvalidCheckpoint(f"{path} holds more than {_MAX_ENTRIES} entries")
+            if not entry.resolve().is_relative_to(root):
+                raise InvalidCheckpoint(f"{path}/{entry.name} links to a file that {outside}")
+    return resolved
 
 
 def _read_headers(files: list[Path]) -> dict[str, tuple[int, ...]]:

@@ -103,6 +103,8 @@ def test_train_updates_the_policy_and_the_service_scores_with_it(tmp_path, tiny_
         assert r["items_failed"] == 0 and r["request_error"] is None
         assert all(isinstance(r[k], float) for k in ("loss/loss", "loss/outcome", "loss/mig", "loss/sft", "grad_norm"))
         assert r["targets/n_valid"] == 4
+    # The learning rate each update used (linear decay from 1e-3 over 2 steps), not the next one's.
+    assert [r["lr"] for r in train] == pytest.approx([1e-3, 5e-4])
     # The live scorer: step k was scored by the checkpoint saved after step k-1.
     assert [r["revision"] for r in train] == ["e2e-step-0", "e2e-step-1"]
     assert served["revision"] == "e2e-step-1"
@@ -111,6 +113,8 @@ def test_train_updates_the_policy_and_the_service_scores_with_it(tmp_path, tiny_
     run = json.loads((out / "run.json").read_text())
     assert run["initial_revision"] == "e2e-step-0" and run["revisions"]["2"] == ["e2e-step-1"]
     assert json.loads((out / "config.json").read_text())["run"]["name"] == "e2e"
+    meta = json.loads((out / "checkpoints" / "final" / "stepcredit_trainer.json").read_text())
+    assert meta["step"] == 2 and meta["scored_by_revision"] == "e2e-step-1" and meta["config"]["run"]["steps"] == 2
     # The update moved the weights.
     before = load_file(tiny_model_path / "model.safetensors")
     after = load_file(out / "checkpoints" / "final" / "model.safetensors")

@@ -414,3 +414,46 @@ async def test_metrics_count_reloads_and_show_one_current_revision(make_app, che
     info = [line for line in metrics.splitlines() if line.startswith("stepcredit_model_info{")]
     assert len(info) == 1 and 'revision="step-2"' in info[0], info
     assert json.dumps("step-1") not in "".join(info)
+
+
+async def test_a_file_linking_out_of_the_reload_root_is_refused(make_app, checkpoints, tmp_path):
+    """The root confines what a reload reads, not only the folder named: a checkpoint
+    inside it whose weights link to a file outside is refused, and the old model serves."""
+    root = tmp_path / "root"
+    linked = root / "linked"
+    linked.mkdir(parents=True)
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(checkpoints["b"] / name, linked)
+    (linked / "model.safetensors").symlink_to(checkpoints["b"] / "model.safetensors")
+    inside = shutil.copytree(checkpoints["b"], root / "inside")
+    app, _ = await make_app(admin_reload_root=root)
+    async with asgi_client(app) as client:
+        before = await score(client)
+        response = await reload(client, linked, "linked")
+        assert response.status_code == 422, response.text
+        error = response.json()["error"]
+        assert error["code"] == "invalid_checkpoint"
+        assert "model.safetensors links to a file that is outside" in error["message"]
+        assert str(checkpoints["b"]) not in error["message"]  # where the link points is not told
+        assert (await score(client))["model"] == before["model"]
+        # A link to the folder from inside the root is followed to where it really is.
+        (root / "alias").symlink_to(inside)
+        response = await reload(client, root / "alias", "alias")
+        assert response.status_code == 200 and response.json()["model"]["path"] == str(inside.resolve())
+
+
+@pytest.mark.parametrize("mode", ["beside", "drain"])
+async def test_the_old_weights_are_freed_after_a_reload(make_app, checkpoints, monkeypatch, mode):
+    import gc
+    import weakref
+
+    if mode == "drain":
+        monkeypatch.setattr(HFBackend, "memory_available", lambda self: 0)
+    app, scorer = await make_app()
+    async with asgi_client(app) as client:
+        await score(client)
+        old = weakref.ref(scorer.backend.model)
+        assert (await reload(client, checkpoints["b"], "b")).status_code == 200
+        await score(client)
+    gc.collect()
+    assert old() is None  # nothing (backend, batcher, reloader, cache) still holds the old model

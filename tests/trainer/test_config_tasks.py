@@ -48,6 +48,7 @@ def test_defaults_are_trl_grpo_defaults():
         ("[optim]\nlearning_rate = -1\n", "optim.learning_rate"),
         ("[run]\nname = '../escape'\n", "run.name"),
         ("[extra]\nx = 1\n", "extra"),
+        ("[policy]\ndevice = 'gpu'\n", "policy.device"),  # a traceback at load time before
     ],
 )
 def test_a_bad_config_is_an_error_naming_the_field(tmp_path, text, field):
@@ -120,3 +121,31 @@ def test_the_readme_documents_every_config_field():
     for section, field in TrainConfig.model_fields.items():
         for name in field.annotation.model_fields:
             assert f"| `{section}.{name}` |" in readme, f"{section}.{name} is not in README's trainer table"
+
+
+@pytest.mark.parametrize("name", ["tiny.toml", "bench.toml"])
+def test_the_eval_split_holds_no_training_question(name):
+    """reasoning-gym seeds item i with Random(seed + i): with train_seed 1 and eval_seed 2
+    the eval split was the training split shifted by one item, all 16 eval prompts
+    trained on. The held-out split must share no question with the training split."""
+    task = load_config(ROOT / "trainer" / "configs" / name).task
+    train, held_out = load_split(task, "train"), load_split(task, "eval")
+    questions = [p.question for p in held_out]
+    assert len(held_out) == task.eval_size and len(set(questions)) == len(questions)
+    assert not set(questions) & {p.question for p in train}
+
+
+def test_a_problem_space_the_training_split_exhausts_leaves_no_eval_split():
+    # 2 one-digit terms and a sign: 200 questions, nearly all in 512 training prompts.
+    task = TrainConfig.model_validate(
+        {"task": {"params": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}, "train_size": 512}}
+    ).task
+    with pytest.raises(TaskError, match="task.eval_size"):
+        load_split(task, "eval")
+
+
+def test_params_that_fail_only_when_an_item_is_generated_name_the_field():
+    # chain_sum's config accepts 2.5 terms; random.randrange refuses it per item.
+    config = TrainConfig.model_validate({"task": {"params": {"min_terms": 2.5, "max_terms": 3}}})
+    with pytest.raises(TaskError, match="task.params"):
+        load_split(config.task, "train")

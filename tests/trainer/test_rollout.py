@@ -72,3 +72,17 @@ def test_greedy_sampling_repeats_itself(policy):
     first = [r.completion_ids for r in sample(policy, group_size=1, greedy=True)]
     second = [r.completion_ids for r in sample(policy, group_size=1, greedy=True)]
     assert first == second
+
+
+def test_a_bos_the_chat_template_renders_is_not_added_twice(tiny_model_path):
+    """A tokenizer that adds BOS (Llama-style) must not put a second one before a chat
+    template that already starts with it: the service reads that text with one."""
+    policy = load_policy(tiny_model_path)
+    policy.tokenizer.add_bos_token = True
+    bos = policy.tokenizer.bos_token_id
+    assert policy.tokenizer("hi")["input_ids"][0] == bos  # this tokenizer now adds BOS
+    (rollout,) = policy.sample(PROBLEMS[:1], system_prompt="", response_prefix="", group_size=1,
+                               max_new_tokens=2, temperature=1.0, top_p=1.0, greedy=True)
+    assert rollout.prompt.startswith(policy.tokenizer.bos_token)
+    assert rollout.prompt_ids[0] == bos and rollout.prompt_ids[1] != bos
+    assert rollout.prompt_ids == policy.tokenizer(rollout.prompt, add_special_tokens=False)["input_ids"]

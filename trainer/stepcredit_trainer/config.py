@@ -14,7 +14,7 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = ["ConfigError", "TrainConfig", "load_config"]
 
@@ -41,6 +41,17 @@ class PolicyConfig(_Section):
     )
     device: str = Field("cpu", description="torch device of the policy: cpu, cuda, cuda:1, ...")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Policy weights' dtype.")
+
+    @field_validator("device")
+    @classmethod
+    def _torch_device(cls, value: str) -> str:
+        import torch
+
+        try:
+            torch.device(value)
+        except (RuntimeError, ValueError) as exc:  # "gpu", "cuda:x": a traceback at load time otherwise
+            raise ValueError(f"not a torch device: {exc}") from None
+        return value
 
 
 class TaskConfig(_Section):

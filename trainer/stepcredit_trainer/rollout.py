@@ -71,6 +71,13 @@ class Policy:
             messages.insert(0, {"role": "system", "content": system_prompt})
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """The prompt's ids as the service reads the same text: the tokenizer's special
+        tokens, except a BOS the chat template already rendered (never two)."""
+        bos = self.tokenizer.bos_token
+        add = not (bos and text.startswith(bos))
+        return self.tokenizer(text, add_special_tokens=add)["input_ids"]
+
     @torch.no_grad()
     def sample(
         self,
@@ -87,7 +94,7 @@ class Policy:
         """`group_size` completions per problem, grouped contiguously in problem order."""
         prefix_ids = self.tokenizer(response_prefix, add_special_tokens=False)["input_ids"] if response_prefix else []
         prompts = [self.render(p, system_prompt) for p in problems]
-        prompt_ids = [self.tokenizer(text)["input_ids"] for text in prompts]
+        prompt_ids = [self.encode_prompt(text) for text in prompts]
         rows = [ids + prefix_ids for ids in prompt_ids for _ in range(group_size)]
         width = max(len(r) for r in rows)
         input_ids = torch.tensor([[self.pad_id] * (width - len(r)) + r for r in rows], device=self.device)

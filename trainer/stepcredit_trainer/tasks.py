@@ -85,21 +85,59 @@ def reference_variants(answer: str) -> tuple[str, ...]:
 
 
 def load_split(task: TaskConfig, split: str) -> list[Problem]:
-    """The `train` or `eval` split of the configured reasoning-gym dataset."""
-    import reasoning_gym
+    """The `train` or `eval` split of the configured reasoning-gym dataset.
 
+    The eval split holds no question of the training split. A different seed is not
+    enough: reasoning-gym seeds item i with `Random(seed + i)`, so the split of seed
+    2 is the split of seed 1 shifted by one item, and small problem spaces repeat
+    questions anyway. Eval items are drawn in order from `eval_seed`'s dataset,
+    skipping every question the training split (or an earlier eval item) holds.
+    """
     if split not in ("train", "eval"):
         raise ValueError(f"split must be train or eval, not {split!r}")
-    size, seed = (task.train_size, task.train_seed) if split == "train" else (task.eval_size, task.eval_seed)
+    train = _problems(task, "train", task.train_seed, task.train_size, task.train_size)
+    if split == "train":
+        return train
+    # Enough candidates to get past the whole training range even when eval_seed sits inside it.
+    candidates = task.train_size + 8 * task.eval_size
+    held_out = _problems(task, "eval", task.eval_seed, task.eval_size, candidates, {p.question for p in train})
+    if len(held_out) < task.eval_size:
+        raise TaskError(
+            f"task {task.name!r}: only {len(held_out)} of {candidates} eval candidates are questions the "
+            f"training split does not hold, task.eval_size is {task.eval_size}: lower task.eval_size or "
+            "task.train_size, or widen task.params"
+        )
+    return held_out
+
+
+def _problems(
+    task: TaskConfig, split: str, seed: int, size: int, candidates: int, exclude: set[str] | None = None
+) -> list[Problem]:
+    """Up to `size` problems from the first `candidates` items of the dataset of `seed`,
+    leaving out questions in `exclude` (and repeats, when `exclude` is given)."""
+    import reasoning_gym
+
     try:
-        dataset = reasoning_gym.create_dataset(task.name, size=size, seed=seed, **task.params)
+        dataset = reasoning_gym.create_dataset(task.name, size=candidates, seed=seed, **task.params)
     except Exception as exc:  # unknown name, or params the dataset's config refuses
         raise TaskError(f"task.name / task.params: reasoning-gym cannot make {task.name!r}: {exc}") from None
-    problems = []
-    for index in range(size):
-        entry = dataset[index]
-        answer = entry.get("answer")
+    problems: list[Problem] = []
+    for index in range(candidates):
+        if len(problems) == size:
+            break
+        try:
+            entry = dataset[index]
+        except Exception as exc:  # params the config accepted but generation cannot use (2.5 terms)
+            reason = f"{type(exc).__name__}: {exc}"
+            raise TaskError(f"task.params: reasoning-gym's {task.name!r} fails on item {index}: {reason}") from None
+        question, answer = entry.get("question"), entry.get("answer")
+        if not isinstance(question, str) or not question.strip():
+            raise TaskError(f"task {task.name!r} item {index} has no question string")
         if not isinstance(answer, str) or not answer.strip():
             raise TaskError(f"task {task.name!r} item {index} has no answer string; it cannot be scored")
-        problems.append(Problem(f"{task.name}-{split}-{seed}-{index}", entry["question"], reference_variants(answer)))
+        if exclude is not None:
+            if question in exclude:
+                continue
+            exclude.add(question)
+        problems.append(Problem(f"{task.name}-{split}-{seed}-{index}", question, reference_variants(answer)))
     return problems

@@ -35,7 +35,7 @@ from .objective import LossWeights, build_targets, total_loss
 from .rollout import Policy, load_policy, resolve_policy_path
 from .tasks import load_split
 
-__all__ = ["TrainError", "train"]
+__all__ = ["TrainError", "lr_factor", "train"]
 
 
 class TrainError(RuntimeError):
@@ -46,8 +46,10 @@ class _Log:
     """metrics.jsonl / eval.jsonl, plus TensorBoard when it is installed."""
 
     def __init__(self, out: Path) -> None:
-        self.metrics = (out / "metrics.jsonl").open("a", encoding="utf-8")
-        self.evals = (out / "eval.jsonl").open("a", encoding="utf-8")
+        # A run starts its logs afresh: appended to an earlier run's in the same folder,
+        # its steps would repeat and the plots would draw both as one.
+        self.metrics = (out / "metrics.jsonl").open("w", encoding="utf-8")
+        self.evals = (out / "eval.jsonl").open("w", encoding="utf-8")
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -82,12 +84,15 @@ def _check_same_tokenizer(policy: Policy, client: Client) -> None:
         )
 
 
-def _save(policy: Policy, folder: Path) -> Path:
-    """Write a checkpoint atomically (the service may be reading the previous one)."""
+def _save(policy: Policy, folder: Path, meta: dict | None = None) -> Path:
+    """Write a checkpoint atomically (the service may be reading the previous one),
+    with the run's config and the revision that scored its last step beside the weights."""
     staging = folder.with_name(folder.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     policy.model.save_pretrained(staging, safe_serialization=True)
     policy.tokenizer.save_pretrained(staging)
+    if meta is not None:
+        (staging / "stepcredit_trainer.json").write_text(json.dumps(meta, indent=2, default=str))
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(staging, folder)
     return folder
@@ -140,9 +145,7 @@ def train(
         policy.model.parameters(), lr=config.optim.learning_rate, weight_decay=config.optim.weight_decay
     )
     warmup, total = config.optim.warmup_steps, config.run.steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / max(warmup, 1), max(0.0, (total - s) / max(total - warmup, 1)))
-    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total))
     weights = LossWeights(
         alpha=config.objective.alpha,
         beta=config.objective.beta,
@@ -241,6 +244,7 @@ def train(
             for key, value in parts.items():
                 parts_sum[key] = parts_sum.get(key, 0.0) + value
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.model.parameters(), config.optim.max_grad_norm)
+        lr = optimizer.param_groups[0]["lr"]  # this update's (after scheduler.step() it is the next one's)
         optimizer.step()
         scheduler.step()
 
@@ -250,7 +254,7 @@ def train(
             "step": step,
             "generated_tokens": generated_tokens,
             "step_time_s": time.perf_counter() - started,
-            "lr": scheduler.get_last_lr()[0],
+            "lr": lr,
             "grad_norm": float(grad_norm),
             "reward_outcome": _mean([r.outcome_reward for r in ok]),
             "reward_mig": _mean([r.mig_reward for r in ok]),
@@ -278,11 +282,11 @@ def train(
 
         # 8. checkpoints, and the scorer follows the policy
         if config.run.save_every and step % config.run.save_every == 0:
-            _save(policy, out / "checkpoints" / f"step-{step}")
+            _save(policy, out / "checkpoints" / f"step-{step}", _meta(config, step, record))
         if config.run.scorer == "live" and step % config.run.reload_every == 0 and step < config.run.steps:
             _reload(client, policy, out, f"{config.run.name}-step-{step}", config.run.keep_reload_checkpoints)
 
-    _save(policy, out / "checkpoints" / "final")
+    _save(policy, out / "checkpoints" / "final", _meta(config, config.run.steps, last))
     run["finished"] = time.time()
     (out / "run.json").write_text(json.dumps(run, indent=2, default=str))
     log.close()
@@ -299,6 +303,16 @@ def _ref_logprobs(reference, policy: Policy, input_ids, attention, completion_id
         return policy.token_logprobs(input_ids, attention, completion_ids, config.rollout.temperature)
     finally:
         policy.model = live
+
+
+def _meta(config: TrainConfig, step: int, record: dict) -> dict:
+    return {"step": step, "scored_by_revision": record.get("revision"), "config": config.model_dump()}
+
+
+def lr_factor(index: int, warmup: int, total: int) -> float:
+    """The learning rate of update `index` (0-based) over the configured one: linear
+    warm-up over `warmup` updates, then linear decay towards 0 at update `total`."""
+    return min((index + 1) / max(warmup, 1), max(0.0, (total - index) / max(total - warmup, 1)))
 
 
 def _mean(values) -> float:
