@@ -65,7 +65,10 @@ class TaskConfig(_Section):
     train_size: int = Field(512, ge=1, le=1_000_000, description="Prompts in the training split.")
     eval_size: int = Field(64, ge=1, le=100_000, description="Prompts in the held-out eval split.")
     train_seed: int = Field(1, ge=0, description="Seed of the training split.")
-    eval_seed: int = Field(2, ge=0, description="Seed of the eval split; must differ from train_seed.")
+    eval_seed: int = Field(
+        2, ge=0, description="Seed of the held-out eval split; must differ from train_seed. Its items are drawn in "
+        "order, skipping every question the training split holds (reasoning-gym's seed s+1 is seed s shifted by one item)."
+    )
     system_prompt: str = Field(
         "You are a careful math assistant. Think step by step inside <think> and </think>, one short "
         "calculation per line. Then give only the final answer inside <answer> and </answer>.\n"
