@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         TextColumn("{task.fields[status]}"),
         TimeRemainingColumn(),
     ) as progress:
-        bar = progress.add_task("train", total=config.run.steps, status="starting")
+        bar = progress.add_task("train", total=config.run.steps, status=f"waiting for {config.service.resolved_url()}")
 
         def on_step(record: dict) -> None:
             status = (

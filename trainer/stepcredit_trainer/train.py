@@ -98,15 +98,17 @@ def _save(policy: Policy, folder: Path, meta: dict | None = None) -> Path:
     return folder
 
 
-def _reload(client: Client, policy: Policy, out: Path, revision: str, keep: int) -> str:
+def _reload(client: Client, policy: Policy, out: Path, revision: str, kept: list[Path], keep: int) -> str:
+    """Save the policy and have the service score with it; keep the last `keep` folders
+    (in the order they were written: file times can be too coarse to tell)."""
     folder = _save(policy, out / "checkpoints" / "scorer" / revision)
     try:
         info = client.reload(str(folder.resolve()), revision=revision)
     except StepCreditError as exc:
         raise TrainError(f"the service refused to reload {folder}: {exc}") from exc
-    kept = sorted((out / "checkpoints" / "scorer").iterdir(), key=lambda p: p.stat().st_mtime)
-    for old in kept[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    kept.append(folder)
+    while len(kept) > keep:
+        shutil.rmtree(kept.pop(0), ignore_errors=True)
     return info.model.revision or revision
 
 
@@ -160,8 +162,11 @@ def train(
     log = _Log(out)
     run = {"service": client.model().model_dump(), "revisions": {}, "started": time.time()}
     revision = run["service"].get("revision")
+    scorer_folders: list[Path] = []
     if config.run.scorer == "live":
-        revision = _reload(client, policy, out, f"{config.run.name}-step-0", config.run.keep_reload_checkpoints)
+        revision = _reload(
+            client, policy, out, f"{config.run.name}-step-0", scorer_folders, config.run.keep_reload_checkpoints
+        )
     run["initial_revision"] = revision
     (out / "run.json").write_text(json.dumps(run, indent=2, default=str))
 
@@ -284,7 +289,8 @@ def train(
         if config.run.save_every and step % config.run.save_every == 0:
             _save(policy, out / "checkpoints" / f"step-{step}", _meta(config, step, record))
         if config.run.scorer == "live" and step % config.run.reload_every == 0 and step < config.run.steps:
-            _reload(client, policy, out, f"{config.run.name}-step-{step}", config.run.keep_reload_checkpoints)
+            name = f"{config.run.name}-step-{step}"
+            _reload(client, policy, out, name, scorer_folders, config.run.keep_reload_checkpoints)
 
     _save(policy, out / "checkpoints" / "final", _meta(config, config.run.steps, last))
     run["finished"] = time.time()
