@@ -64,7 +64,9 @@ def baseline(args) -> dict:
         for name, params in CANDIDATES:
             for temperature in args.temperatures:
                 torch.manual_seed(0)
-                task = TaskConfig(name=name, params=params, eval_size=args.prompts)
+                # The untrained policy has seen no training prompt: a one-question training split
+                # keeps small problem spaces (2 one-digit terms: 100 questions) measurable.
+                task = TaskConfig(name=name, params=params, train_size=1, eval_size=args.prompts)
                 started = time.perf_counter()
                 result = evaluate(
                     policy,
