@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import cache_dir
-
-STEPCREDIT = str(Path(sys.executable).parent / "stepcredit")
+from tests.e2e.processes import STEPCREDIT, free_port, serve
 ITEM = {
     "id": "e2e",
     "messages": [{"role": "user", "content": "What is 2+3?"}],
@@ -25,49 +19,16 @@ ITEM = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server(smol_path):
-    port = free_port()
-    env = {**os.environ, "STEPCREDIT_CACHE_DIR": str(cache_dir()), "STEPCREDIT_API_KEY": "e2e-key"}
-    proc = subprocess.Popen(
-        [STEPCREDIT, "serve", "--port", str(port), "--device", "cpu"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 240
-    try:
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        else:
-            pytest.fail("stepcredit serve did not become ready in 240 s")
-        yield base, proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+def server(smol_path, tmp_path_factory):
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    with serve(["--device", "cpu"], log, ready_s=240, STEPCREDIT_API_KEY="e2e-key") as served:
+        yield served
 
 
 @pytest.mark.slow
 def test_serve_scores_over_http_on_smollm2(server):
-    base, _ = server
+    base = server.base
     headers = {"Authorization": "Bearer e2e-key"}
     response = httpx.post(f"{base}/v1/score", json={"items": [ITEM]}, headers=headers, timeout=120)
     assert response.status_code == 200, response.text
@@ -84,11 +45,11 @@ def test_serve_scores_over_http_on_smollm2(server):
 
 @pytest.mark.slow
 def test_serve_exits_cleanly_on_sigterm(server):
-    _, proc = server
+    proc = server.proc
     proc.send_signal(signal.SIGTERM)
     # uvicorn re-raises the signal after its graceful shutdown.
     assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
-    output = proc.stdout.read()
+    output = server.log.read_text()
     assert "Application shutdown complete" in output
     assert "curl" in output  # it printed how to call it
 

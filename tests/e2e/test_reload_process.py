@@ -4,9 +4,6 @@ the old weights serving, and requests sent during a reload are all answered."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -15,8 +12,7 @@ import httpx
 import pytest
 
 from stepcredit_client import Client, InvalidRequestError
-from tests.conftest import cache_dir
-from tests.e2e.test_processes import STEPCREDIT, free_port
+from tests.e2e.processes import serve
 from tests.integration.test_reload import save_llama
 
 KEY = "reload-key"
@@ -40,38 +36,13 @@ def checkpoints(tmp_path_factory, tokenizer, tiny_model_path) -> dict[str, Path]
 
 
 @pytest.fixture(scope="module")
-def server(checkpoints):
-    port = free_port()
-    env = {**os.environ, "STEPCREDIT_CACHE_DIR": str(cache_dir()), "STEPCREDIT_API_KEY": KEY,
-           "STEPCREDIT_VERIFY_WORKERS": "1"}  # fmt: skip
-    proc = subprocess.Popen(
-        [STEPCREDIT, "serve", "--model", str(checkpoints["a"]), "--port", str(port), "--device", "cpu",
-         "--log-level", "warning"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
-        else:
-            pytest.fail("stepcredit serve did not become ready in 180 s")
-        with Client(base, api_key=KEY) as client:
-            yield base, client
-        assert proc.poll() is None  # no reload took the process down
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+def server(checkpoints, tmp_path_factory):
+    args = ["--model", str(checkpoints["a"]), "--device", "cpu", "--log-level", "warning"]
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    with serve(args, log, STEPCREDIT_API_KEY=KEY, STEPCREDIT_VERIFY_WORKERS="1") as served:
+        with Client(served.base, api_key=KEY) as client:
+            yield served.base, client
+        assert served.proc.poll() is None  # no reload took the process down
 
 
 def numbers(result) -> list[float]:
@@ -150,7 +121,7 @@ def test_requests_during_a_reload_are_all_answered_each_by_one_model(server, che
 
 
 @pytest.mark.slow
-def test_the_vllm_backend_reloads_by_building_a_new_engine(server, checkpoints):
+def test_the_vllm_backend_reloads_by_building_a_new_engine(server, checkpoints, tmp_path):
     """vLLM drains, shuts its engine down and builds one on the new weights (about a
     minute on a CPU); a request sent meanwhile waits and is scored by the new weights,
     with the hf backend's numbers for them (SPEC 8's 2e-3)."""
@@ -159,17 +130,10 @@ def test_the_vllm_backend_reloads_by_building_a_new_engine(server, checkpoints):
     hf.reload(checkpoints["b"], revision="B")
     expected = numbers(hf.score([ITEM]).results[0])
 
-    port = free_port()
-    env = {**os.environ, "STEPCREDIT_CACHE_DIR": str(cache_dir()), "STEPCREDIT_VERIFY_WORKERS": "1"}
-    env.pop("STEPCREDIT_API_KEY", None)
-    proc = subprocess.Popen(
-        [STEPCREDIT, "serve", "--backend", "vllm", "--model", str(checkpoints["a"]), "--port", str(port),
-         "--device", "cpu", "--log-level", "warning"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    try:
-        with Client(f"http://127.0.0.1:{port}") as client:
-            client.wait_until_ready(timeout_s=300, poll_s=1)
+    args = ["--backend", "vllm", "--model", str(checkpoints["a"]), "--device", "cpu", "--log-level", "warning"]
+    log = tmp_path / "serve-vllm.log"
+    with serve(args, log, ready_s=300, STEPCREDIT_VERIFY_WORKERS="1", STEPCREDIT_API_KEY=None) as served:
+        with Client(served.base) as client:
             before = client.score([ITEM])
             during: list = []
 
@@ -187,9 +151,3 @@ def test_the_vllm_backend_reloads_by_building_a_new_engine(server, checkpoints):
                 assert answer.model.revision == "B"
                 assert numbers(answer.results[0]) == pytest.approx(expected, abs=2e-3)
             assert numbers(before.results[0]) != pytest.approx(expected, abs=2e-3)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -18,43 +16,15 @@ import httpx
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import cache_dir
-from tests.e2e.test_processes import free_port
+from tests.e2e.processes import serve
 
 BIN = Path(sys.executable).parent
 
 
 @contextmanager
-def serve(model: Path, log: Path, **env_extra):
-    port = free_port()
-    env = {**os.environ, "STEPCREDIT_CACHE_DIR": str(cache_dir()), **env_extra}
-    # The log goes to a file: a pipe nobody reads would stall the server once full.
-    output = log.open("w")
-    proc = subprocess.Popen(
-        [str(BIN / "stepcredit"), "serve", "--model", str(model), "--port", str(port), "--device", "cpu"],
-        env=env, stdout=output, stderr=subprocess.STDOUT, text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, log.read_text()
-            try:
-                if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
-        else:
-            pytest.fail("stepcredit serve did not become ready in 120 s")
-        yield base
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        output.close()
+def serve_tiny(model: Path, log: Path, **env: str):
+    with serve(["--model", str(model), "--device", "cpu"], log, ready_s=120, **env) as served:
+        yield served.base
 
 
 def config_text(model: Path, **sections) -> str:
@@ -95,7 +65,7 @@ def records(path: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_train_updates_the_policy_and_the_service_scores_with_it(tmp_path, tiny_model_path):
-    with serve(tiny_model_path, tmp_path / "serve.log") as base:
+    with serve_tiny(tiny_model_path, tmp_path / "serve.log") as base:
         done, out = run_train(tmp_path, base, config_text(tiny_model_path))
         assert done.returncode == 0, done.stdout + done.stderr
         served = httpx.get(f"{base}/v1/model", timeout=10).json()
@@ -130,7 +100,7 @@ def test_train_updates_the_policy_and_the_service_scores_with_it(tmp_path, tiny_
 def test_items_the_service_fails_are_counted_and_masked_not_rewarded(tmp_path, tiny_model_path):
     """A service whose token limit refuses every completion: each item is an error,
     the loop masks them (no reward, no gradient), logs them and keeps going."""
-    with serve(tiny_model_path, tmp_path / "serve.log", STEPCREDIT_MAX_TOKEN_IDS="16") as base:
+    with serve_tiny(tiny_model_path, tmp_path / "serve.log", STEPCREDIT_MAX_TOKEN_IDS="16") as base:
         text = config_text(
             tiny_model_path,
             rollout={"max_new_tokens": 24, "temperature": 1.0},
