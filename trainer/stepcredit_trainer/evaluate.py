@@ -8,7 +8,7 @@ at start), so the service reports step ends as indices into those tokens.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from stepcredit_client import Client, ScoreResult
@@ -16,7 +16,7 @@ from stepcredit_client import Client, ScoreResult
 from .rollout import Policy, Rollout
 from .tasks import Problem
 
-__all__ = ["Scored", "evaluate", "score_rollouts"]
+__all__ = ["Scored", "evaluate", "mean", "score_rollouts"]
 
 
 @dataclass
@@ -59,7 +59,9 @@ def score_rollouts(client: Client, rollouts: Sequence[Rollout], options: dict) -
     return Scored(list(response.results), [response.model.revision or ""])
 
 
-def _mean(values: Sequence[float]) -> float:
+def mean(values: Iterable[float]) -> float:
+    """The mean, NaN (never 0) for no values: an empty batch has no accuracy."""
+    values = list(values)
     return sum(values) / len(values) if values else math.nan
 
 
@@ -114,16 +116,16 @@ def evaluate(
             if group:
                 correct.append(group)
     out = {
-        "eval_format": _mean(formats),
-        "eval_steps": _mean(steps),
-        "eval_tokens": _mean(tokens),
-        "eval_mig": _mean(migs),
+        "eval_format": mean(formats),
+        "eval_steps": mean(steps),
+        "eval_tokens": mean(tokens),
+        "eval_mig": mean(migs),
         "eval_errors": float(errors),
         "eval_prompts": float(len(correct)),
     }
     if greedy:
-        out["eval_accuracy"] = _mean([float(g[0]) for g in correct])
+        out["eval_accuracy"] = mean([float(g[0]) for g in correct])
     else:
-        out["eval_pass@1"] = _mean([sum(g) / len(g) for g in correct])
-        out[f"eval_pass@{samples}"] = _mean([float(any(g)) for g in correct])
+        out["eval_pass@1"] = mean([sum(g) / len(g) for g in correct])
+        out[f"eval_pass@{samples}"] = mean([float(any(g)) for g in correct])
     return out

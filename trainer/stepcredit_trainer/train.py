@@ -30,7 +30,7 @@ from stepcredit_client import Client, ClientConfig, RewardWeights, token_rewards
 from stepcredit_client import StepCreditError
 
 from .config import TrainConfig
-from .evaluate import evaluate, score_rollouts
+from .evaluate import evaluate, mean, score_rollouts
 from .objective import LossWeights, build_targets, total_loss
 from .rollout import Policy, load_policy, resolve_policy_path
 from .tasks import load_split
@@ -261,14 +261,14 @@ def train(
             "step_time_s": time.perf_counter() - started,
             "lr": lr,
             "grad_norm": float(grad_norm),
-            "reward_outcome": _mean([r.outcome_reward for r in ok]),
-            "reward_mig": _mean([r.mig_reward for r in ok]),
-            "accuracy": _mean([float(bool(r.correct)) for r in ok]),
-            "format": _mean([float(bool(r.format_ok)) for r in ok]),
-            "sft_rate": _mean([float(bool(r.sft_gate)) for r in ok]),
-            "steps_per_completion": _mean([float(len(r.steps)) for r in ok]),
-            "completion_tokens": _mean([float(len(r.sampled_ids)) for r in rollouts]),
-            "truncated": _mean([float(r.truncated) for r in rollouts]),
+            "reward_outcome": mean([r.outcome_reward for r in ok]),
+            "reward_mig": mean([r.mig_reward for r in ok]),
+            "accuracy": mean([float(bool(r.correct)) for r in ok]),
+            "format": mean([float(bool(r.format_ok)) for r in ok]),
+            "sft_rate": mean([float(bool(r.sft_gate)) for r in ok]),
+            "steps_per_completion": mean([float(len(r.steps)) for r in ok]),
+            "completion_tokens": mean([float(len(r.sampled_ids)) for r in rollouts]),
+            "truncated": mean([float(r.truncated) for r in rollouts]),
             "items_failed": float(len(rollouts) - len(ok)),
             "request_error": scored.request_error,
             "revision": scored.revisions[0] if len(scored.revisions) == 1 else scored.revisions,
@@ -320,7 +320,3 @@ def lr_factor(index: int, warmup: int, total: int) -> float:
     warm-up over `warmup` updates, then linear decay towards 0 at update `total`."""
     return min((index + 1) / max(warmup, 1), max(0.0, (total - index) / max(total - warmup, 1)))
 
-
-def _mean(values) -> float:
-    values = list(values)
-    return sum(values) / len(values) if values else math.nan
