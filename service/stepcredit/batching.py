@@ -3,9 +3,17 @@
 Concurrent `/v1/score` calls each submit their trajectories; a single loop
 coalesces what is queued into one backend call, which leaves when the batch
 reaches its token budget or when the oldest waiting job has waited `max_wait_s`.
-The queue is bounded: past `max_queued` trajectories, `submit` raises
-`Overloaded` (HTTP 429 with Retry-After). A job cancelled while queued (its
-client went away) is dropped before it costs any model time.
+
+Admission (`admit`, called once a request is prepared, so its real size is known):
+the queue is bounded both in trajectories (`max_queued`) and in estimated tokens
+(`max_queued_tokens`); a request that does not fit raises `Overloaded` (HTTP 429)
+with a Retry-After computed from the drain rate measured on the last backend calls:
+the time until enough of the backlog has drained for it to fit. A request larger
+than the whole token budget is admitted only into an empty queue.
+
+A job cancelled while queued (its client went away) is dropped before it costs any
+model time; one cancelled inside a running call is marked abandoned, and a backend
+that `drops_abandoned` skips what it has not computed for it yet.
 
 A job (one request's trajectories) always goes whole into one backend call, and
 each call reports the model that ran it. A reload swaps `backend` only inside
@@ -16,13 +24,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-from .backends.base import Backend, BackendDeadError, BatchLogliks
+from .backends.base import Abandoned, Backend, BackendDeadError, BatchLogliks
 from .probes import TrajectoryProbes
 
 __all__ = ["Batcher", "Overloaded", "estimate_tokens"]
@@ -33,8 +42,8 @@ log = logging.getLogger(__name__)
 class Overloaded(RuntimeError):
     """The queue is full; retry after `retry_after_s`."""
 
-    def __init__(self, retry_after_s: float) -> None:
-        super().__init__(f"scoring queue is full; retry after {retry_after_s:.0f} s")
+    def __init__(self, retry_after_s: float, reason: str = "the scoring queue is full") -> None:
+        super().__init__(f"{reason}; retry after {math.ceil(retry_after_s)} s")
         self.retry_after_s = retry_after_s
 
 
@@ -50,6 +59,9 @@ class _Job:
     tokens: int
     future: asyncio.Future
     enqueued: float = field(default_factory=time.monotonic)
+    abandoned: Abandoned | None = None
+    """Set when the job is taken into a backend call, with its first index there."""
+    offset: int = 0
 
 
 class Batcher:
@@ -60,14 +72,18 @@ class Batcher:
         max_batch_tokens: int = 16384,
         max_wait_s: float = 0.005,
         max_queued: int = 4096,
+        max_queued_tokens: int = 1 << 30,
         max_inflight: int = 1,
     ) -> None:
         self.backend = backend
         self.max_batch_tokens = max_batch_tokens
         self.max_wait_s = max_wait_s
         self.max_queued = max_queued
+        self.max_queued_tokens = max_queued_tokens
         self._queue: deque[_Job] = deque()
         self._queued = 0  # trajectories in the queue
+        self._queued_tokens = 0  # their estimated tokens
+        self._running_tokens = 0  # estimated tokens of the calls in flight
         self._wakeup = asyncio.Event()
         self.max_inflight = max_inflight
         self._slots = asyncio.Semaphore(max_inflight)
@@ -75,7 +91,10 @@ class Batcher:
         self._open.set()
         self._loop_task: asyncio.Task | None = None
         self._inflight: set[asyncio.Task] = set()
-        self._seconds_per_token = 1e-3  # refined by every batch, for Retry-After
+        # Estimated tokens the backend drains per second, measured on every call
+        # (an exponential average): the basis of Retry-After.
+        self._drain_rate: float | None = None
+        self._last_done = 0.0
         self.batches = 0
 
     @property
@@ -83,20 +102,52 @@ class Batcher:
         """Trajectories waiting for the backend."""
         return self._queued
 
-    def check_capacity(self, trajectories: int = 1) -> None:
+    @property
+    def queued_tokens(self) -> int:
+        """Estimated tokens waiting for the backend."""
+        return self._queued_tokens
+
+    @property
+    def drain_rate(self) -> float | None:
+        """Estimated tokens per second the backend has been draining (None: not measured yet)."""
+        return self._drain_rate
+
+    def admit(self, trajectories: int, tokens: int = 0) -> None:
+        """Raise Overloaded unless `trajectories` more (of `tokens` estimated tokens) fit
+        in the queue now. Nothing is reserved: call `submit` before the next await."""
         if self._queued + trajectories > self.max_queued:
-            backlog = sum(job.tokens for job in self._queue)
-            raise Overloaded(max(1.0, backlog * self._seconds_per_token))
+            per_trajectory = self._queued_tokens / max(1, self._queued)
+            excess = (self._queued + trajectories - self.max_queued) * per_trajectory
+            raise Overloaded(self._wait_s(excess), f"{self._queued} trajectories are queued, limit {self.max_queued}")
+        if self._queued and self._queued_tokens + tokens > self.max_queued_tokens:
+            excess = min(self._queued_tokens + tokens - self.max_queued_tokens, self._queued_tokens)
+            raise Overloaded(
+                self._wait_s(excess),
+                f"{self._queued_tokens} estimated tokens are queued and this request adds {tokens}, "
+                f"limit {self.max_queued_tokens}",
+            )
+
+    def check_capacity(self, trajectories: int = 1) -> None:
+        """The cheap check before a request is prepared (its tokens are not known yet)."""
+        self.admit(trajectories)
+
+    def _wait_s(self, excess_tokens: float) -> float:
+        """Seconds until `excess_tokens` of the queue have drained: the calls in flight
+        finish first, then the queue drains at the measured rate."""
+        rate = self._drain_rate or 1000.0
+        return max(1.0, (self._running_tokens + excess_tokens) / rate)
 
     async def submit(self, probes: Sequence[TrajectoryProbes]) -> BatchLogliks:
         """ℓ for `probes`, computed in a batch with whatever else is waiting."""
         if not probes:
             return BatchLogliks(results=[])
-        self.check_capacity(len(probes))
+        tokens = sum(estimate_tokens(p) for p in probes)
+        self.admit(len(probes), tokens)
         self._ensure_running()
-        job = _Job(list(probes), sum(estimate_tokens(p) for p in probes), asyncio.get_running_loop().create_future())
+        job = _Job(list(probes), tokens, asyncio.get_running_loop().create_future())
         self._queue.append(job)
         self._queued += len(job.probes)
+        self._queued_tokens += job.tokens
         self._wakeup.set()
         try:
             return await job.future
@@ -104,6 +155,9 @@ class Batcher:
             if job in self._queue:  # not taken yet: it costs nothing
                 self._queue.remove(job)
                 self._queued -= len(job.probes)
+                self._queued_tokens -= job.tokens
+            elif job.abandoned is not None:  # inside a running call: skip what is left of it
+                job.abandoned.add(range(job.offset, job.offset + len(job.probes)))
             raise
 
     @asynccontextmanager
@@ -135,7 +189,7 @@ class Batcher:
             if not job.future.done():
                 job.future.set_exception(BackendDeadError("the scorer is shutting down"))
         self._queue.clear()
-        self._queued = 0
+        self._queued = self._queued_tokens = 0
 
     async def _run(self) -> None:
         while True:
@@ -171,19 +225,29 @@ class Batcher:
         while self._queue and (not batch or tokens + self._queue[0].tokens <= self.max_batch_tokens):
             job = self._queue.popleft()
             self._queued -= len(job.probes)
+            self._queued_tokens -= job.tokens
             if job.future.done():  # cancelled by its caller
                 continue
             batch.append(job)
             tokens += job.tokens
+        abandoned, offset = Abandoned(), 0
+        for job in batch:
+            job.abandoned, job.offset = abandoned, offset
+            offset += len(job.probes)
         return batch
 
     async def _execute(self, batch: list[_Job], backend: Backend) -> None:
+        tokens = sum(job.tokens for job in batch)
+        self._running_tokens += tokens
         try:
-            started = time.perf_counter()
+            started = time.monotonic()
             flat = [p for job in batch for p in job.probes]
             model = backend.info
             try:
-                out = await backend.loglikelihoods(flat)
+                if backend.drops_abandoned:
+                    out = await backend.loglikelihoods(flat, abandoned=batch[0].abandoned)
+                else:
+                    out = await backend.loglikelihoods(flat)
             except BaseException as exc:
                 for job in batch:
                     if not job.future.done():
@@ -192,12 +256,26 @@ class Batcher:
                     raise
                 return
             self.batches += 1
-            if out.tokens_forwarded:
-                self._seconds_per_token = (time.perf_counter() - started) / out.tokens_forwarded
+            self._measure(batch, started)
             out.model = model
             self._split(batch, out)
         finally:
+            self._running_tokens -= tokens
             self._slots.release()
+
+    def _measure(self, batch: list[_Job], started: float) -> None:
+        """Refine the drain rate from one finished call. Calls may overlap (vLLM): time
+        is counted from the later of this call's start and the previous call's end, so
+        overlapping calls are not charged the same seconds twice. Abandoned jobs are
+        left out: their skipped work took no time."""
+        now = time.monotonic()
+        done = sum(job.tokens for job in batch if not job.future.done())
+        elapsed = now - max(started, self._last_done)
+        self._last_done = now
+        if done <= 0 or elapsed <= 0:
+            return
+        sample = done / elapsed
+        self._drain_rate = sample if self._drain_rate is None else 0.7 * self._drain_rate + 0.3 * sample
 
     @staticmethod
     def _split(batch: list[_Job], out: BatchLogliks) -> None:

@@ -40,6 +40,13 @@ class Limits(BaseSettings):
     """Longest `completion_token_ids`; longer get 422."""
     max_pattern_chars: int = Field(500, ge=10, le=10_000)
     """Longest user-given regex for the `regex` format; longer get 422."""
+    max_probe_tokens_per_item: int = Field(32_768, ge=64, le=1 << 24)
+    """Most reference tokens one item may ask the model to score: probes (steps + 1) x
+    references x reference tokens. More is that item's `limit_exceeded`, before any model work."""
+    pattern_timeout_s: float = Field(0.25, gt=0, le=10)
+    """Time limit of one user regex over one completion."""
+    max_pattern_s_per_request: float = Field(1.0, gt=0, le=60)
+    """Regex time one request may spend in all; its items past it get `limit_exceeded`."""
 
 
 class Settings(Limits):
@@ -60,6 +67,17 @@ class Settings(Limits):
     """Serve POST /v1/admin/reload (new weights while serving; behind `api_key` when set)."""
     admin_reload_root: Path | None = None
     """When set, a reload may read only folders inside this one."""
+
+    # --- lifecycle and transport
+    drain_timeout_s: float = Field(50.0, ge=0, le=3600)
+    """On SIGTERM: how long accepted requests may run before their items get `shutting_down`
+    errors and the process exits 0 (Kubernetes' grace period minus the preStop pause and a margin)."""
+    header_timeout_s: float = Field(10.0, gt=0, le=600)
+    """A connection that has not sent a whole request head in this time is closed."""
+    body_timeout_s: float = Field(30.0, gt=0, le=3600)
+    """A request whose body has not arrived in this time gets 408."""
+    max_connections: int = Field(1024, ge=1, le=1_000_000)
+    """Open connections beyond this get 503 (uvicorn's limit_concurrency)."""
 
     # --- model and backend
     backend: Literal["hf", "vllm", "vllm-remote"] = "hf"
@@ -111,6 +129,11 @@ class Settings(Limits):
     """Longest a request waits for others to share its backend call."""
     max_queued_items: int = Field(4096, ge=1, le=1_000_000)
     """Trajectories that may wait for the backend; beyond it requests get 429."""
+    max_queued_tokens: int = Field(262_144, ge=64, le=1 << 30)
+    """Estimated probe tokens that may wait for the backend, counted after preparation;
+    a request that would pass it gets 429 with a Retry-After from the measured drain rate."""
+    pattern_workers: int = Field(2, ge=1, le=64)
+    """Threads that run user regexes (`regex` format), off the shared preparation thread."""
 
     # --- verification
     verify_workers: int = Field(2, ge=1, le=64)

@@ -87,3 +87,93 @@ async def test_a_request_cancelled_while_queued_costs_no_model_time(make_scorer)
     assert scorer.batcher.queued == 0
     await asyncio.sleep(0.5)
     assert scorer.batcher.batches == 0
+
+
+# ------------------------------------------------- admission by tokens (issue 10)
+
+
+async def _prepared_tokens(scorer, batch) -> int:
+    from stepcredit.batching import estimate_tokens
+
+    prepared = await asyncio.get_running_loop().run_in_executor(None, scorer._prepare_all, batch, None)
+    return sum(estimate_tokens(p.probes) for p in prepared)
+
+
+async def test_admission_counts_queued_tokens_not_only_trajectories(make_scorer):
+    # Before: only trajectories were counted, so a few huge requests all passed.
+    small = items(2, seed=1)
+    scorer = await make_scorer(batch_max_wait_ms=400)
+    tokens = await _prepared_tokens(scorer, small)
+    scorer = await make_scorer(batch_max_wait_ms=400, max_queued_items=1000, max_queued_tokens=tokens + 1)
+    first = asyncio.create_task(scorer.score(small))
+    await asyncio.sleep(0.1)
+    assert scorer.batcher.queued_tokens == tokens
+    with pytest.raises(Overloaded) as refused:
+        await scorer.score(items(2, seed=2))
+    assert "estimated tokens are queued" in str(refused.value)
+    assert refused.value.retry_after_s >= 1
+    assert scorer.batcher.queued == 2  # the refused request left nothing behind
+    assert all(r.status == "ok" for r in (await first).results)
+
+
+async def test_a_request_larger_than_the_token_budget_is_served_when_nothing_waits(make_scorer):
+    # Otherwise it could never be served, and every Retry-After would be a lie.
+    scorer = await make_scorer(max_queued_tokens=64)
+    batch = await scorer.score(items(2))
+    assert [r.status for r in batch.results] == ["ok", "ok"]
+
+
+async def test_retry_after_follows_the_measured_drain_rate(make_scorer):
+    # Before: backlog x the last call's seconds per *forwarded* token, in other units than
+    # the backlog's estimate (40 s announced for a 15 s wait).
+    scorer = await make_scorer(batch_max_wait_ms=0)
+    for seed in range(2):  # measure the drain rate
+        await scorer.score(items(4, seed=10 + seed))
+    assert scorer.batcher.drain_rate and scorer.batcher.drain_rate > 0
+    loop = asyncio.get_running_loop()
+    async with scorer.batcher.drained():  # hold the backlog in the queue while we ask
+        tasks = [asyncio.create_task(scorer.score(items(8, seed=20 + i))) for i in range(8)]
+        while scorer.batcher.queued < 64:
+            await asyncio.sleep(0.01)
+        backlog = scorer.batcher.queued_tokens
+        scorer.batcher.max_queued_tokens, limit = backlog, scorer.batcher.max_queued_tokens
+        with pytest.raises(Overloaded) as refused:
+            scorer.batcher.admit(1, backlog)  # fits only once everything ahead has drained
+        scorer.batcher.max_queued_tokens = limit
+        started = loop.time()
+    await asyncio.gather(*tasks)
+    actual = loop.time() - started
+    announced = refused.value.retry_after_s
+    assert actual > 2  # long enough for the comparison to mean something
+    assert actual / 2 <= announced <= 2 * actual, (announced, actual)
+
+
+async def test_a_request_abandoned_inside_a_running_call_stops_costing_model_time(make_scorer, monkeypatch):
+    # Before: a batch whose client had gone ran to its end (45 s of model time for nobody).
+    scorer = await make_scorer(batch_max_wait_ms=0, max_batch_tokens=128)
+    backend = scorer.backend
+    passes = []
+    forward = backend._forward
+
+    def counting_forward(*args, **kwargs):  # a spy: the real forward pass runs
+        passes.append(1)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(backend, "_forward", counting_forward)
+    batch = items(12, seed=4)
+    full = await scorer.score(batch)
+    total = len(passes)
+    assert total > 6  # many passes, so there is something to skip
+    passes.clear()
+    task = asyncio.create_task(scorer.score(batch))
+    while len(passes) < 2:
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    while scorer.batcher._running_tokens:
+        await asyncio.sleep(0.01)
+    assert len(passes) < total / 2, (len(passes), total)
+    # The scorer is not harmed: the same request scores as before.
+    again = await scorer.score(batch)
+    assert [r.mig_reward for r in again.results] == pytest.approx([r.mig_reward for r in full.results], abs=1e-5)

@@ -10,7 +10,7 @@ from pathlib import Path
 from ..probes import TrajectoryProbes
 from ..protocol import ModelInfo
 
-__all__ = ["Backend", "BatchLogliks", "BackendError", "BackendDeadError"]
+__all__ = ["Abandoned", "Backend", "BatchLogliks", "BackendError", "BackendDeadError", "abandoned_error"]
 
 
 class BackendError(RuntimeError):
@@ -19,6 +19,35 @@ class BackendError(RuntimeError):
 
 class BackendDeadError(RuntimeError):
     """The backend cannot serve any more: readiness goes false, the process should exit."""
+
+
+class Abandoned:
+    """Trajectories of one backend call whose callers have gone (their clients
+    disconnected): a backend may skip what it has not computed for them yet.
+
+    Written from the event loop, read from the backend's worker thread: adding to and
+    testing a set are single operations under the GIL, and a stale read only means one
+    more pass is run.
+    """
+
+    def __init__(self) -> None:
+        self._gone: set[int] = set()
+
+    def add(self, indices: range) -> None:
+        self._gone.update(indices)
+
+    def __contains__(self, trajectory: int) -> bool:
+        return trajectory in self._gone
+
+    def all(self, trajectories) -> bool:
+        """Every one of `trajectories` is abandoned (an empty set is not)."""
+        trajectories = set(trajectories)
+        return bool(trajectories) and trajectories <= self._gone
+
+
+def abandoned_error() -> BackendError:
+    """What an abandoned trajectory gets instead of likelihoods (nobody reads it)."""
+    return BackendError("not computed: the request was abandoned by its client")
 
 
 @dataclass
@@ -63,10 +92,13 @@ class Backend(ABC):
     """The scorer's HF tokenizer: probes are built with it, in the service."""
     max_inflight_batches: int = 1
     """Backend calls the batcher may have in flight at once (1: strictly one after another)."""
+    drops_abandoned: bool = False
+    """`loglikelihoods` takes `abandoned=` and skips work for the trajectories in it."""
 
     @abstractmethod
     async def loglikelihoods(self, batch: Sequence[TrajectoryProbes]) -> BatchLogliks:
-        """ℓ_k(v) for every probe k and reference v of every trajectory."""
+        """ℓ_k(v) for every probe k and reference v of every trajectory. A backend with
+        `drops_abandoned` also takes `abandoned: Abandoned | None = None`."""
 
     async def start(self) -> None:
         """Connect or warm up; called once before the first batch."""

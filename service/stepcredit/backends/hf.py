@@ -42,7 +42,7 @@ from ..checkpoints import IncompatibleModel, available_memory
 from ..probes import TrajectoryProbes
 from ..models import weights_revision
 from ..protocol import ModelInfo
-from .base import Backend, BackendDeadError, BackendError, BatchLogliks
+from .base import Abandoned, Backend, BackendDeadError, BackendError, BatchLogliks, abandoned_error
 from .packing import PackingRule, Segment, plan_batch
 
 __all__ = ["HFBackend", "resolve_device", "packing_rule", "HeadMismatchError", "NonFiniteModelError"]
@@ -275,10 +275,12 @@ class HFBackend(Backend):
 
     # ----------------------------------------------------------- contract
 
-    async def loglikelihoods(self, batch: Sequence[TrajectoryProbes]) -> BatchLogliks:
+    async def loglikelihoods(
+        self, batch: Sequence[TrajectoryProbes], abandoned: Abandoned | None = None
+    ) -> BatchLogliks:
         self.check_health()
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.compute, list(batch))
+        return await loop.run_in_executor(self._executor, self.compute, list(batch), abandoned)
 
     def check_health(self) -> None:
         if self._dead is not None:
@@ -295,6 +297,7 @@ class HFBackend(Backend):
     # ----------------------------------------------------------- reload
 
     reload_refusal = None
+    drops_abandoned = True
 
     def load_beside(self, path: Path, *, revision: str, tokenizer: object) -> HFBackend:
         return HFBackend(path, **self._settings, tokenizer=tokenizer, revision=revision, safetensors_only=True)
@@ -330,8 +333,10 @@ class HFBackend(Backend):
 
     # ----------------------------------------------------------- compute
 
-    def compute(self, batch: Sequence[TrajectoryProbes]) -> BatchLogliks:
-        """Blocking: ℓ_k(v) for every trajectory of the batch."""
+    def compute(self, batch: Sequence[TrajectoryProbes], abandoned: Abandoned | None = None) -> BatchLogliks:
+        """Blocking: ℓ_k(v) for every trajectory of the batch. A pass whose trajectories
+        are all in `abandoned` (checked before each pass) is skipped."""
+        abandoned = abandoned or Abandoned()
         plan = plan_batch(
             batch,
             strategy=self.strategy,
@@ -348,8 +353,10 @@ class HFBackend(Backend):
         out = BatchLogliks(results=[], tokens=[0] * len(batch))
         for step in plan.passes:
             prefix = None
+            members = [seg for group in step.groups for seg in group]
+            if abandoned.all(seg.traj for seg in members):
+                continue
             if step.shared:
-                members = [seg for group in step.groups for seg in group]
                 owners = {seg.traj for seg in members}
                 prefix = self._guarded(self._prefix, members[0], step.shared, owners=owners, failed=failed)
                 if prefix is None:
@@ -360,6 +367,8 @@ class HFBackend(Backend):
                     out.tokens[seg.traj] += step.shared // len(members) + (i < step.shared % len(members))
             for group in step.groups:
                 owners = {seg.traj for seg in group}
+                if abandoned.all(owners):
+                    continue
                 logprobs = self._guarded(
                     self._forward, group, step.tree, step.shared, prefix, owners=owners, failed=failed
                 )
@@ -374,6 +383,9 @@ class HFBackend(Backend):
                         sums[t][k][v] += next(flat)
 
         for t, traj in enumerate(batch):
+            if t in abandoned:  # some of its passes may have been skipped
+                out.results.append(abandoned_error())
+                continue
             if t in failed:
                 out.results.append(failed[t])
                 continue

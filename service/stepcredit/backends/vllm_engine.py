@@ -29,7 +29,7 @@ from pathlib import Path
 from ..probes import TrajectoryProbes
 from ..models import weights_revision
 from ..protocol import ModelInfo
-from .base import Backend, BackendDeadError, BackendError, BatchLogliks
+from .base import Abandoned, Backend, BackendDeadError, BackendError, BatchLogliks, abandoned_error
 from .prefix_cache import read_probe, reference_logprobs
 
 __all__ = ["VLLMBackend"]
@@ -122,14 +122,20 @@ class VLLMBackend(Backend):
             revision=revision or weights_revision(path),
         )
 
-    async def loglikelihoods(self, batch: Sequence[TrajectoryProbes]) -> BatchLogliks:
+    async def loglikelihoods(
+        self, batch: Sequence[TrajectoryProbes], abandoned: Abandoned | None = None
+    ) -> BatchLogliks:
         self.check_health()
-        outcomes = await asyncio.gather(*(self._trajectory(t) for t in batch), return_exceptions=True)
+        abandoned = abandoned or Abandoned()
+        trajectories = (self._trajectory(t, lambda i=i: i in abandoned) for i, t in enumerate(batch))
+        outcomes = await asyncio.gather(*trajectories, return_exceptions=True)
         return BatchLogliks.collect(outcomes)
 
-    async def _trajectory(self, traj: TrajectoryProbes) -> tuple[list[list[float]], int]:
+    async def _trajectory(self, traj: TrajectoryProbes, gone=lambda: False) -> tuple[list[list[float]], int]:
         rows, computed = [], 0
         for context in traj.contexts:
+            if gone():  # its client went away: send no more of its probes
+                raise abandoned_error()
             if self.prefix_reuse:
                 # The first reference writes this context into the cache; the rest read it.
                 first = await self._score(context, traj.references[0])
@@ -178,6 +184,7 @@ class VLLMBackend(Backend):
     # (SmolLM2, the tiny test models) on the old weights while the embeddings change:
     # measured, likelihoods matching neither checkpoint.
     reload_refusal = None
+    drops_abandoned = True
 
     def load_beside(self, path: Path, *, revision: str, tokenizer: object) -> VLLMBackend:
         # The reload checked that a tokenizer `path` holds is ours; without one, ours stays.

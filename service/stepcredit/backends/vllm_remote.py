@@ -35,7 +35,7 @@ import httpx
 from ..probes import TrajectoryProbes
 from ..models import weights_revision
 from ..protocol import ModelInfo
-from .base import Backend, BackendError, BatchLogliks
+from .base import Abandoned, Backend, BackendError, BatchLogliks, abandoned_error
 from .prefix_cache import UnreadableRows, read_probe, reference_logprobs
 from .routing import CoolOff, plan_routes
 
@@ -88,6 +88,7 @@ def _logprob_of(row: dict, token: int) -> float | None:
 
 
 class VLLMRemoteBackend(Backend):
+    drops_abandoned = True
     reload_refusal = (
         "vllm-remote cannot reload: the weights live in the remote vLLM servers. Reload them there "
         "(vLLM's /collective_rpc reload_weights, or a restart on the new folder), then restart this "
@@ -223,7 +224,9 @@ class VLLMRemoteBackend(Backend):
 
     # -------------------------------------------------------------- scoring
 
-    async def loglikelihoods(self, batch: Sequence[TrajectoryProbes]) -> BatchLogliks:
+    async def loglikelihoods(
+        self, batch: Sequence[TrajectoryProbes], abandoned: Abandoned | None = None
+    ) -> BatchLogliks:
         if not self.servers:
             raise BackendError("vllm-remote is not connected: call start() first")
         ranked = self._ranked()
@@ -238,14 +241,21 @@ class VLLMRemoteBackend(Backend):
             server.inflight += traj_cost
             server.served += traj_cost
             routes.append(_Route(server, traj_cost))
-        trajectories = (self._trajectory(t, r) for t, r in zip(batch, routes, strict=True))
+        abandoned = abandoned or Abandoned()
+        trajectories = (
+            self._trajectory(t, r, lambda i=i: i in abandoned) for i, (t, r) in enumerate(zip(batch, routes, strict=True))
+        )
         outcomes = await asyncio.gather(*trajectories, return_exceptions=True)
         return BatchLogliks.collect(outcomes)
 
-    async def _trajectory(self, traj: TrajectoryProbes, route: _Route) -> tuple[list[list[float]], int]:
+    async def _trajectory(
+        self, traj: TrajectoryProbes, route: _Route, gone=lambda: False
+    ) -> tuple[list[list[float]], int]:
         try:
             rows, computed = [], 0
             for context in traj.contexts:
+                if gone():  # its client went away: send no more of its probes
+                    raise abandoned_error()
                 # The first reference writes this context into the cache; the rest read it.
                 head = await self._score(route, context, traj.references[0])
                 rest = await asyncio.gather(*(self._score(route, context, r) for r in traj.references[1:]))
