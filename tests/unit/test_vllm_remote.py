@@ -275,3 +275,19 @@ async def test_a_cache_hit_into_the_reference_is_resubmitted(model_dir):
     # Each of the two references: a cache read with garbage rows, then the same without.
     assert fleet.reads == [True, False, True, False] and backend.resubmissions == 2
     await backend.aclose()
+
+
+async def test_an_abandoned_trajectory_sends_no_more_probes(model_dir):
+    # Its client went away mid-call: the rest of the batch is scored, it costs nothing more.
+    from stepcredit.backends.base import Abandoned
+
+    fleet = Fleet(model_dir)
+    backend = await connected(model_dir, fleet, URLS)
+    batch = trajectories(4)
+    gone = Abandoned()
+    gone.add(range(1, 3))
+    out = await backend.loglikelihoods(batch, abandoned=gone)
+    assert isinstance(out.results[1], BackendError) and isinstance(out.results[2], BackendError)
+    assert_scored([batch[0], batch[3]], type(out)(results=[out.results[0], out.results[3]]))
+    assert len(fleet.probes) == 2 * len(batch[0].contexts) * len(batch[0].references)
+    await backend.aclose()
