@@ -70,6 +70,9 @@ def ensure_default_model(cache_dir: Path) -> Path:
     try:
         plain.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        # mkdtemp makes the folder owner-only (0700): open it like any model folder, so a
+        # service running as another user (a container's non-root user) can read it.
+        staging.chmod(0o755)
         # Concurrent converters race benignly: the first rename wins.
         try:
             os.rename(staging, target)
