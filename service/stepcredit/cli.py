@@ -43,17 +43,16 @@ def _settings(args: argparse.Namespace):
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from .api import create_app
+    from .api.server import Server, build_config, run
 
     settings = _settings(args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    server: uvicorn.Server | None = None
+    server: Server | None = None
 
-    def stop() -> None:  # a model that cannot load ends the process with status 1
+    def stop() -> None:  # a model that cannot load, or a dead backend: no drain, status 1
         if server is not None:
-            server.should_exit = True
+            server.stop_now()
 
     app = create_app(settings, on_fatal=stop)
     base = f"http://{settings.host}:{settings.port}"
@@ -67,13 +66,18 @@ def _serve(args: argparse.Namespace) -> int:
         f"API docs: {base}/docs   metrics: {base}/metrics",
         flush=True,
     )
-    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level))
-    server.run()
-    error = app.state.load_state["error"]
-    if error:
-        print(f"stepcredit: {error}", file=sys.stderr)
-        return 1
-    return 0
+
+    def finish() -> int:
+        # SIGTERM and SIGINT drain and end with 0; a fatal error is a crash (1), so
+        # that the orchestrator restarts the process.
+        error = app.state.load_state["error"]
+        if error:
+            print(f"stepcredit: {error}", file=sys.stderr, flush=True)
+            return 1
+        return 0
+
+    server = Server(build_config(app, settings), app.state.drain)
+    return run(server, finish)
 
 
 def _parse_line(line: str, number: int, limits):

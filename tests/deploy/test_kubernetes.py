@@ -136,7 +136,14 @@ CRD_SCHEMAS = {
                     "port": {"type": "string"}, "targetPort": {"type": ["string", "integer"]},
                     "path": {"type": "string", "pattern": "^/"}, "scheme": {"enum": ["http", "https"]},
                     "interval": _DURATION, "scrapeTimeout": _DURATION, "honorLabels": {"type": "boolean"},
-                    "authorization": {"type": "object"}, "relabelings": {"type": "array"},
+                    "authorization": {
+                        "type": "object", "additionalProperties": False, "required": ["credentials"],
+                        "properties": {"type": {"type": "string"}, "credentials": {
+                            "type": "object", "required": ["name", "key"],
+                            "properties": {"name": {"type": "string"}, "key": {"type": "string"}},
+                        }},
+                    },
+                    "relabelings": {"type": "array"},
                     "metricRelabelings": {"type": "array"},
                 },
             }},
@@ -348,6 +355,23 @@ def test_selectors_select_their_own_pods(docs):
         assert {e["port"] for e in monitor["spec"]["endpoints"]} <= ports
 
 
+def test_prometheus_scrapes_with_the_scorers_api_key(docs):
+    # Catches: a ServiceMonitor without the bearer token (every scrape a 401, since /metrics
+    # is behind the key) or naming another Secret than the one the scorer reads.
+    monitors = [  # the vLLM servers' own monitor (vllm-remote) needs no key
+        m for m in of_kind(docs, "ServiceMonitor")
+        if m["spec"]["selector"]["matchLabels"].get("app.kubernetes.io/component") == "scorer"
+    ]
+    for _, container in scorers(docs):
+        key = next(e for e in container.get("env", []) if e["name"] == "STEPCREDIT_API_KEY")
+        ref = key["valueFrom"]["secretKeyRef"]
+        for monitor in monitors:
+            for endpoint in monitor["spec"]["endpoints"]:
+                auth = endpoint.get("authorization")
+                assert auth and auth.get("type", "Bearer") == "Bearer", f"{monitor['metadata']['name']}: no bearer token"
+                assert auth["credentials"] == {"name": ref["name"], "key": ref["key"]}
+
+
 def test_grace_period_is_prestop_plus_drain_plus_margin(docs, monkeypatch):
     # Catches: a grace period that SIGKILLs the pod mid-drain (accepted requests lost), a
     # drain timeout raised without the grace period, and the written arithmetic drifting
@@ -363,7 +387,7 @@ def test_grace_period_is_prestop_plus_drain_plus_margin(docs, monkeypatch):
         prestop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
         drain = build_settings(container_env(docs, container), monkeypatch).drain_timeout_s
         margin = grace - prestop - drain
-        assert margin >= 5, f"grace {grace} = preStop {prestop} + drain {drain:g} + margin {margin:g}: too short"
+        assert margin >= 10, f"grace {grace} = preStop {prestop} + drain {drain:g} + margin {margin:g}: too short"
         assert (grace, prestop, drain, margin) == (grace_w, prestop_w, drain_w, margin_w), "update the comment"
 
 

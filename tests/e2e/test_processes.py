@@ -39,7 +39,8 @@ def test_serve_scores_over_http_on_smollm2(server):
     assert result["mig_reward"] == pytest.approx(sum(s["gain"] for s in result["steps"]))
     assert body["model"]["name"] == "SmolLM2-135M-Instruct" and body["model"]["dtype"] == "float32"
     assert httpx.post(f"{base}/v1/score", json={"items": [ITEM]}, timeout=30).status_code == 401
-    metrics = httpx.get(f"{base}/metrics", timeout=10).text
+    assert httpx.get(f"{base}/metrics", timeout=10).status_code == 401  # behind the key too
+    metrics = httpx.get(f"{base}/metrics", headers=headers, timeout=10).text
     assert "stepcredit_ready 1.0" in metrics
 
 
@@ -47,8 +48,8 @@ def test_serve_scores_over_http_on_smollm2(server):
 def test_serve_exits_cleanly_on_sigterm(server):
     proc = server.proc
     proc.send_signal(signal.SIGTERM)
-    # uvicorn re-raises the signal after its graceful shutdown.
-    assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
+    # A drained stop is a clean exit, not death by signal (an orchestrator reads it).
+    assert proc.wait(timeout=60) == 0
     output = server.log.read_text()
     assert "Application shutdown complete" in output
     assert "curl" in output  # it printed how to call it

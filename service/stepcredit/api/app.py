@@ -3,6 +3,9 @@
 `create_app(settings, scorer=None)` builds the app. Without a scorer the model
 loads in the background after start-up, so /health answers at once and /ready
 turns 200 when the model is loaded and warmed. Tests inject a scorer.
+
+What reaches a route has passed the Guard (guard.py): bearer token, drain, body size
+and body time. `app.state.drain` is the drain SIGTERM starts (server.py runs it).
 """
 
 from __future__ import annotations
@@ -11,20 +14,20 @@ import asyncio
 import json
 import logging
 import math
-import os
-import secrets
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Literal, TypeVar
 
-from fastapi import Depends, FastAPI, Request
-from fastapi.exception_handlers import http_exception_handler
+from fastapi import Depends, FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.security import HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..backends import BackendDeadError, build_backend
 from ..checkpoints import ReloadError
@@ -46,16 +49,16 @@ from ..protocol import (
     parse_items,
 )
 from .compat import register_compat_routes
+from .drain import RETRY_AFTER_S, Drain, DrainExpired
+from .errors import SHUTTING_DOWN, error, error_responses
+from .guard import Guard, token_ok
 from .metrics import Metrics
 
 __all__ = ["create_app"]
 
 log = logging.getLogger(__name__)
 
-
-def _error(status: int, code: str, message: str, headers: dict | None = None, **extra) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message, **extra}}, status, headers=headers)
-
+T = TypeVar("T")
 
 _RELOAD_STATUS = {
     "invalid_checkpoint": 422,
@@ -65,58 +68,27 @@ _RELOAD_STATUS = {
     "reload_disabled": 403,
 }  # any other ReloadError (out of memory while loading): 500
 
+OPEN_ROUTES = ("/health", "/ready")
+"""Answered without the API key: the orchestrator's liveness and readiness probes.
+/ready gives its details (model, error) only with the key."""
+WORK_ROUTES = ("/v1/score", "/v1/admin/reload", "/get_reward", "/slime/reward")
+"""Refused while draining; the drain waits for those accepted before."""
 
-class _Guard:
-    """ASGI middleware: bounds the body size (413) and counts requests by route and status."""
+CLOSE_BOUND_S = 5.0
+"""Longest the scorer may take to close at shutdown. A backend call running in a worker
+thread cannot be interrupted; past this the process exits without waiting for it."""
 
-    def __init__(self, app, max_bytes: int, metrics: Metrics) -> None:
-        self.app, self.max_bytes, self.metrics = app, max_bytes, metrics
 
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        status = {"code": 500}
+class Health(BaseModel):
+    status: Literal["ok"]
 
-        async def counting_send(message):
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-            await send(message)
 
-        try:
-            declared = int(dict(scope["headers"]).get(b"content-length", b"0"))
-        except ValueError:
-            declared = 0
-        if declared > self.max_bytes:
-            response = _error(413, "body_too_large", f"body is {declared} bytes, limit {self.max_bytes}")
-            await response(scope, receive, counting_send)
-        else:
-            # Read the whole body under the limit, then replay it to the app.
-            chunks, size, more = [], 0, scope["method"] in ("POST", "PUT", "PATCH")
-            while more:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    return
-                chunk = message.get("body", b"")
-                size += len(chunk)
-                if size > self.max_bytes:
-                    response = _error(413, "body_too_large", f"body exceeds {self.max_bytes} bytes")
-                    await response(scope, receive, counting_send)
-                    break
-                chunks.append(chunk)
-                more = message.get("more_body", False)
-            else:
-                body = b"".join(chunks)
-                replayed = False
-
-                async def replay():
-                    nonlocal replayed
-                    if not replayed:
-                        replayed = True
-                        return {"type": "http.request", "body": body, "more_body": False}
-                    return await receive()
-
-                await self.app(scope, replay, counting_send)
-        self.metrics.requests.labels(scope["path"], str(status["code"])).inc()
+class Readiness(BaseModel):
+    status: Literal["ready", "loading", "failed", "draining"]
+    model: ModelInfo | None = None
+    """With the API key (or when none is set): the model that scores the next batch."""
+    error: str | None = None
+    """With the API key (or when none is set): why the model failed to load."""
 
 
 def _terminate() -> None:
@@ -133,7 +105,15 @@ def create_app(
     settings = settings or Settings()
     limits = settings.limits()
     metrics = Metrics()
+    drain = Drain(settings.drain_timeout_s)
     state: dict = {"scorer": scorer, "error": None}
+
+    def is_ready() -> bool:
+        current = state["scorer"]
+        return current is not None and current.ready and not drain.draining
+
+    metrics.ready.set_function(lambda: float(is_ready()))
+    metrics.draining.set_function(lambda: float(drain.draining))
 
     async def load() -> None:
         try:
@@ -144,7 +124,6 @@ def create_app(
                 state["scorer"] = current
             if not current.ready:
                 await current.start()
-            metrics.ready.set(1)
             metrics.set_model(current.backend.info)
             metrics.queue_depth.set_function(lambda: current.queue_depth)
             log.info("ready: %s", current.backend.info.model_dump_json())
@@ -158,20 +137,30 @@ def create_app(
     async def lifespan(app: FastAPI):
         loader = asyncio.create_task(load())
         yield
+        # A model still loading runs on in its thread, which the process must not wait for.
+        closed = loader.done()
         loader.cancel()
-        metrics.ready.set(0)
         if scorer is None and state["scorer"] is not None:
-            await state["scorer"].close()
+            try:
+                await asyncio.wait_for(state["scorer"].close(), CLOSE_BOUND_S)
+            except TimeoutError:
+                log.warning("the scorer did not close within %g s (a backend call still runs)", CLOSE_BOUND_S)
+                closed = False
+        app.state.closed = closed
 
     app = FastAPI(
         title="StepCredit",
         version="0.1.0",
-        description="Process (MIG) and outcome rewards for RL on multi-step reasoning.",
+        description="Process (MIG) and outcome rewards for RL on multi-step reasoning. With an API key "
+        "set, every route but /health and /ready needs `Authorization: Bearer <key>`.",
         lifespan=lifespan,
     )
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.load_state = state
+    app.state.drain = drain
+    app.state.closed = False
+    """True once the scorer closed at shutdown with no thread of ours left running."""
 
     def ready_scorer() -> Scorer:
         current = state["scorer"]
@@ -180,23 +169,34 @@ def create_app(
         return current
 
     async def authorize(request: Request) -> None:
-        if settings.api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(
-            token.encode(), settings.api_key.get_secret_value().encode()
-        ):
+        # The Guard has checked already, before the body; this keeps every route safe
+        # on its own.
+        if not token_ok(request.headers.get("authorization"), settings.api_key):
             raise _Unauthorized()
+
+    protected = [Depends(authorize)]
+    if settings.api_key is not None:  # documents the scheme (and the docs' "Authorize" button)
+        protected.append(Security(HTTPBearer(auto_error=False, description="the service's API key")))
+
+    async def score_items(raw: Request, current: Scorer, items: list[ScoreItem], options=None) -> ScoreBatch:
+        """`current.score(items)`, stopped when its client leaves (_ClientGone) or when the
+        drain deadline passes: then every item is a `shutting_down` error, never a reward."""
+        try:
+            return await _until_done(current.score(items, options), drain, raw)
+        except DrainExpired:
+            log.warning("drain deadline: %d items of a running request get shutting_down", len(items))
+            results = [ScoreResult.failure(item.id, "shutting_down", SHUTTING_DOWN) for item in items]
+            usage = Usage(items=len(items), items_error=len(items))
+            return ScoreBatch(results, usage, model=current.backend.info)
 
     @app.exception_handler(_NotReady)
     async def _not_ready(request: Request, exc: _NotReady) -> JSONResponse:
         message = state["error"] or "the model is loading"
-        return _error(503, "not_ready", message, headers={"Retry-After": "5"})
+        return error(503, "not_ready", message, headers={"Retry-After": "5"})
 
     @app.exception_handler(_Unauthorized)
     async def _unauthorized(request: Request, exc: _Unauthorized) -> JSONResponse:
-        return _error(401, "unauthorized", "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+        return error(401, "unauthorized", "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
     @app.exception_handler(_ClientGone)
     async def _gone(request: Request, exc: _ClientGone) -> Response:
@@ -210,43 +210,50 @@ def create_app(
         details = [{"field": _field(e), "message": e.get("msg", "")} for e in errors[:10]]
         message = "; ".join(f"{d['field']}: {d['message']}" for d in details[:3])
         field = details[0]["field"] if details else "body"
-        return _error(422, "invalid_request", message or "malformed request", field=field, errors=details)
+        return error(422, "invalid_request", message or "malformed request", field=field, errors=details)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
         # A body Python's JSON reader refuses after FastAPI's own checks (an integer of
         # more than 4,300 digits) comes as a bare 400: answer it like any malformed body.
         if exc.status_code == 400 and "parsing the body" in str(exc.detail):
-            return _error(422, "invalid_request", "the body could not be parsed as JSON", field="body")
-        return await http_exception_handler(request, exc)
+            return error(422, "invalid_request", "the body could not be parsed as JSON", field="body")
+        # Everything else (404, 405) in the one error shape too.
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error(exc.status_code, code, str(exc.detail), headers=exc.headers)
 
     @app.exception_handler(LimitError)
     async def _limit(request: Request, exc: LimitError) -> JSONResponse:
-        return _error(exc.status, "limit_exceeded", str(exc), field=exc.field)
+        return error(exc.status, "limit_exceeded", str(exc), field=exc.field)
 
     @app.exception_handler(Overloaded)
     async def _overloaded(request: Request, exc: Overloaded) -> JSONResponse:
         retry = str(max(1, math.ceil(exc.retry_after_s)))
-        return _error(429, "overloaded", str(exc), headers={"Retry-After": retry})
+        return error(429, "overloaded", str(exc), headers={"Retry-After": retry})
 
     @app.exception_handler(ReloadError)
     async def _reload_failed(request: Request, exc: ReloadError) -> JSONResponse:
         metrics.reloads.labels(exc.code).inc()
-        return _error(_RELOAD_STATUS.get(exc.code, 500), exc.code, str(exc))
+        return error(_RELOAD_STATUS.get(exc.code, 500), exc.code, str(exc))
 
     @app.exception_handler(BackendDeadError)
     async def _dead(request: Request, exc: BackendDeadError) -> JSONResponse:
         log.error("backend dead, shutting down: %s", exc)
         state["error"] = f"backend dead: {exc}"
-        metrics.ready.set(0)
         if state["scorer"] is not None:
             state["scorer"].ready = False
         on_fatal()
-        return _error(503, "backend_dead", str(exc))
+        return error(503, "backend_dead", str(exc))
 
-    @app.post("/v1/score", response_model=ScoreResponse, dependencies=[Depends(authorize)])
+    @app.post(
+        "/v1/score",
+        response_model=ScoreResponse,
+        dependencies=protected,
+        responses=error_responses(401, 408, 413, 422, 429, 503),
+    )
     async def score(request: ScoreRequest, raw: Request, response: Response) -> ScoreResponse:
-        """Score a batch of items: MIG per step, outcome, gates and spans (SPEC section 7)."""
+        """Score a batch of items: MIG per step, outcome, gates and spans (SPEC section 7).
+        An item the service could not score before a shutdown is its own `shutting_down` error."""
         current = ready_scorer()
         check_limits(request, limits)
         # Each item is validated on its own: a bad one is its own `invalid_item` error.
@@ -255,10 +262,11 @@ def create_app(
         started = time.perf_counter()
         batch = ScoreBatch([], Usage())
         if valid:
-            batch = await _unless_disconnected(raw, current.score(valid, request.options))
+            batch = await score_items(raw, current, valid, request.options)
         scored = iter(batch.results)
         batch.results = [p if isinstance(p, ScoreResult) else next(scored) for p in parsed]
         batch.usage.items = len(batch.results)
+        batch.usage.items_ok = sum(r.status == "ok" for r in batch.results)
         batch.usage.items_error = len(batch.results) - batch.usage.items_ok
         metrics.request_latency.observe(time.perf_counter() - started)
         if "backend_s" in batch.timings:
@@ -274,7 +282,12 @@ def create_app(
         response.headers[REVISION_HEADER] = model.revision or ""
         return ScoreResponse(results=batch.results, model=model, usage=batch.usage)
 
-    @app.post("/v1/admin/reload", response_model=ReloadResponse, dependencies=[Depends(authorize)])
+    @app.post(
+        "/v1/admin/reload",
+        response_model=ReloadResponse,
+        dependencies=protected,
+        responses=error_responses(401, 403, 408, 409, 413, 422, 500, 501, 503),
+    )
     async def reload(request: ReloadRequest) -> ReloadResponse:
         """Score with the weights in `path` from the next batch on (a trainer's new
         checkpoint). Batches in flight finish on the old weights; on any failure the
@@ -284,12 +297,15 @@ def create_app(
         current = ready_scorer()
         try:
             # Shielded: a client that gives up must not leave a swap half done.
-            outcome = await asyncio.shield(
-                current.reload(Path(request.path), request.revision, root=settings.admin_reload_root)
-            )
+            work = asyncio.shield(current.reload(Path(request.path), request.revision, root=settings.admin_reload_root))
+            outcome = await _until_done(work, drain)
         except BackendDeadError:  # the old weights were freed and could not be read again
             metrics.reloads.labels("backend_dead").inc()
             raise
+        except DrainExpired:
+            metrics.reloads.labels("shutting_down").inc()
+            message = "the service shut down before the reload finished; reload on the replica that replaces it"
+            return error(503, "shutting_down", message, headers={"Retry-After": str(RETRY_AFTER_S)})
         metrics.reloads.labels("ok").inc()
         metrics.reload_latency.observe(outcome.load_s)
         metrics.set_model(outcome.model)
@@ -297,32 +313,62 @@ def create_app(
             model=outcome.model, previous_revision=outcome.previous_revision, mode=outcome.mode, load_s=outcome.load_s
         )
 
-    @app.get("/v1/model", response_model=ModelInfo, dependencies=[Depends(authorize)])
+    @app.get("/v1/model", response_model=ModelInfo, dependencies=protected, responses=error_responses(401, 503))
     async def model() -> ModelInfo:
         """The scoring model and how it runs."""
         return ready_scorer().backend.info
 
-    @app.get("/health")
-    async def health() -> dict:
-        """The process is alive (the model may still be loading)."""
-        return {"status": "ok", "pid": os.getpid()}
+    @app.get("/health", response_model=Health)
+    async def health() -> Health:
+        """Liveness: 200 while the process runs, draining included (the model may still be loading)."""
+        return Health(status="ok")
 
-    @app.get("/ready")
-    async def ready() -> JSONResponse:
-        """200 once the model is loaded and warmed; 503 before, or after a fatal error."""
+    @app.get(
+        "/ready",
+        response_model=Readiness,
+        response_model_exclude_none=True,
+        responses={503: {"model": Readiness, "description": "`loading`, `failed` or `draining`"}},
+    )
+    async def ready(request: Request) -> JSONResponse:
+        """Readiness: 200 once the model is loaded and warmed; 503 before, after a fatal
+        error, and from SIGTERM on (`draining`). Without the API key only `status`."""
         current = state["scorer"]
-        if current is not None and current.ready:
-            return JSONResponse({"status": "ready", "model": json.loads(current.backend.info.model_dump_json())})
-        status = "failed" if state["error"] else "loading"
-        return JSONResponse({"status": status, "error": state["error"]}, 503)
+        if drain.draining:
+            status = "draining"
+        elif current is not None and current.ready:
+            status = "ready"
+        else:
+            status = "failed" if state["error"] else "loading"
+        body: dict = {"status": status}
+        if token_ok(request.headers.get("authorization"), settings.api_key):
+            if current is not None and current.ready:
+                body["model"] = json.loads(current.backend.info.model_dump_json())
+            if status != "ready":
+                body["error"] = state["error"]
+        return JSONResponse(body, 200 if status == "ready" else 503)
 
-    @app.get("/metrics")
+    @app.get(
+        "/metrics",
+        dependencies=protected,
+        response_class=PlainTextResponse,
+        responses=error_responses(401, by_reference=True),
+    )
     async def prometheus() -> Response:
-        """Prometheus text exposition."""
+        """Prometheus text exposition (behind the API key when one is set)."""
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    app.add_middleware(_Guard, max_bytes=limits.max_request_bytes, metrics=metrics)
-    register_compat_routes(app, ready_scorer, authorize, limits)
+    register_compat_routes(app, ready_scorer, score_items, protected, limits)
+    app.add_middleware(
+        Guard,
+        router=app.router,
+        metrics=metrics,
+        drain=drain,
+        api_key=settings.api_key,
+        open_routes=OPEN_ROUTES,
+        work_routes=WORK_ROUTES,
+        max_bytes=limits.max_request_bytes,
+        body_timeout_s=settings.body_timeout_s,
+    )
     return app
 
 
@@ -333,24 +379,34 @@ def _field(error: dict) -> str:
     return field_path([p for p in error.get("loc", ()) if p != "body"])
 
 
-async def _unless_disconnected(request: Request, work):
-    """Run `work`, cancelling it when the client disconnects (queued probes are dropped)."""
+async def _until_done(work: Awaitable[T], drain: Drain, request: Request | None = None) -> T:
+    """`work`'s result. `work` is cancelled (queued probes are dropped) when the drain
+    deadline passes (DrainExpired) or, given `request`, when its client disconnects
+    (_ClientGone)."""
     task = asyncio.ensure_future(work)
 
     async def disconnected() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
 
-    watcher = asyncio.ensure_future(disconnected())
+    watchers = {asyncio.ensure_future(drain.wait_expired())}
+    if request is not None:
+        watchers.add(asyncio.ensure_future(disconnected()))
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-    if not task.done():
+        await asyncio.wait({task, *watchers}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
         task.cancel()
-        log.info("client disconnected; its scoring was cancelled")
-        raise _ClientGone()
-    return task.result()
+        raise
+    finally:
+        for watcher in watchers:
+            watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    if drain.expired:
+        raise DrainExpired()
+    log.info("client disconnected; its scoring was cancelled")
+    raise _ClientGone()
 
 
 class _ClientGone(Exception):

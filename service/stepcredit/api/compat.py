@@ -15,9 +15,9 @@
 Both compose `reward = outcome_weight·outcome_reward + mig_weight·mig_reward`
 (query parameters, default 1 and 1). An item the service cannot score is never
 given a number: the request fails with 422 naming the item and code (503 with
-Retry-After for a backend error, which may pass on retry), unless the caller
-opted in to a stand-in with `?error_reward=X` (a finite number), which is then
-flagged in `stepcredit_failed`. Input that is wrong as sent (a label that is no
+Retry-After for a backend error or a `shutting_down` item, which may pass on
+retry), unless the caller opted in to a stand-in with `?error_reward=X` (a finite
+number), which is then flagged in `stepcredit_failed`. Input that is wrong as sent (a label that is no
 reference answer, text that is not valid Unicode, a prompt missing from its
 query, a limit exceeded) is a 422 naming the request's own field whatever
 `error_reward` says: a stand-in covers a failure to score, not a broken dataset.
@@ -28,23 +28,25 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Query, Response
+from fastapi import FastAPI, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Discriminator, Tag, TypeAdapter, ValidationError, WithJsonSchema
 
 from ..config import Limits
-from ..engine import Scorer
+from ..engine import ScoreBatch, Scorer
 from ..protocol import REVISION_HEADER, ChatMessage, LimitError, ScoreItem, ScoreResult, check_item
+from .errors import error_responses
 
 __all__ = ["register_compat_routes", "split_query"]
 
 log = logging.getLogger(__name__)
 
-# Codes after which the same request may succeed: worth a trainer's retry.
-_TRANSIENT = {"backend_error"}
+# Codes after which the same request may succeed: worth a trainer's retry
+# (`shutting_down`: on the replica that takes over from one draining).
+_TRANSIENT = {"backend_error", "shutting_down"}
 
 
 # A dataset's answer column: text, a number, or a list of equivalent forms. The
@@ -204,20 +206,27 @@ def _failed_signals(error_reward: float) -> dict[str, float]:
 def register_compat_routes(
     app: FastAPI,
     get_scorer: Callable[[], Scorer],
-    authorize: Callable[..., Awaitable[None]],
+    score_items: Callable[[Request, Scorer, list[ScoreItem]], Awaitable[ScoreBatch]],
+    dependencies: Sequence[Any],
     limits: Limits,
 ) -> None:
     """Add the OpenRLHF and slime routes to `app`.
 
     `get_scorer` returns the ready Scorer (or raises the app's not-ready error),
-    `authorize` is the app's bearer-token dependency, `limits` bound every item.
+    `score_items` scores as /v1/score does (cancelled when the client leaves, items
+    `shutting_down` at the drain deadline), `dependencies` are the app's bearer-token
+    check, `limits` bound every item.
     """
 
     async def score(
-        items: list[ScoreItem], error_reward: float | None, weights: tuple[float, float], response: Response
+        raw: Request,
+        items: list[ScoreItem],
+        error_reward: float | None,
+        weights: tuple[float, float],
+        response: Response,
     ):
         scorer = get_scorer()
-        batch = await scorer.score(items)
+        batch = await score_items(raw, scorer, items)
         # As on /v1/score: the weights that scored every item of this answer.
         response.headers[REVISION_HEADER] = batch.model.revision or ""
         failed = [(i, r) for i, r in enumerate(batch.results) if r.status != "ok"]
@@ -247,9 +256,12 @@ def register_compat_routes(
         ),  # fmt: skip
     }
 
-    @app.post("/get_reward", dependencies=[Depends(authorize)], tags=["compat"])
+    errors = error_responses(401, 408, 413, 422, 429, 503)
+
+    @app.post("/get_reward", dependencies=list(dependencies), tags=["compat"], responses=errors)
     async def openrlhf_get_reward(
         request: OpenRLHFRequest,
+        raw: Request,
         response: Response,
         outcome_weight: float = weight_params["outcome_weight"],
         mig_weight: float = weight_params["mig_weight"],
@@ -276,7 +288,7 @@ def register_compat_routes(
                                    references=refs))  # fmt: skip
             # With several reward URLs, OpenRLHF shards one sample across them and
             # the others get empty lists; an error there would fail the sample.
-            signals = await score(items, error_reward, (outcome_weight, mig_weight), response) if items else []
+            signals = await score(raw, items, error_reward, (outcome_weight, mig_weight), response) if items else []
         except _Rejected as exc:
             return rejected(exc)
         extra_keys = [k for k in _SIGNAL_KEYS if k != "reward"]
@@ -287,9 +299,10 @@ def register_compat_routes(
             "extra_logs": {k: [s[k] for s in signals] for k in extra_keys},
         }
 
-    @app.post("/slime/reward", dependencies=[Depends(authorize)], tags=["compat"])
+    @app.post("/slime/reward", dependencies=list(dependencies), tags=["compat"], responses=errors)
     async def slime_reward(
         request: SlimeRequest,
+        raw: Request,
         response: Response,
         outcome_weight: float = weight_params["outcome_weight"],
         mig_weight: float = weight_params["mig_weight"],
@@ -301,7 +314,7 @@ def register_compat_routes(
             prompt = {"prompt" if isinstance(request.prompt, str) else "messages": request.prompt}
             fields = {"prompt": "prompt", "messages": "prompt", "completion": "response", "references": "label"}
             item = _item(fields, "prompt", limits, **prompt, completion=request.response, references=refs)
-            (signals,) = await score([item], error_reward, (outcome_weight, mig_weight), response)
+            (signals,) = await score(raw, [item], error_reward, (outcome_weight, mig_weight), response)
         except _Rejected as exc:
             return rejected(exc)
         return signals

@@ -13,8 +13,10 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        # `route` is the route template (`/v1/score`), or `unmatched` for any path no route
+        # serves: labels from raw paths would let anyone grow /metrics without bound.
         self.requests = Counter(
-            "stepcredit_requests", "HTTP requests by route and status", ["route", "status"], registry=r
+            "stepcredit_requests", "HTTP requests by route template and status", ["route", "status"], registry=r
         )
         self.items = Counter("stepcredit_items", "Scored items by outcome status", ["status"], registry=r)
         self.item_errors = Counter("stepcredit_item_errors", "Per-item errors by code", ["code"], registry=r)
@@ -32,7 +34,17 @@ class Metrics:
         )
         self.probes = Counter("stepcredit_probes", "Prefix probes run", registry=r)
         self.queue_depth = Gauge("stepcredit_queue_depth", "Batches waiting for the backend", registry=r)
-        self.ready = Gauge("stepcredit_ready", "1 when the model is loaded and warmed", registry=r)
+        self.ready = Gauge(
+            "stepcredit_ready", "1 when the model is loaded and warmed and the service is not draining", registry=r
+        )
+        self.draining = Gauge("stepcredit_draining", "1 from SIGTERM until the process exits", registry=r)
+        # reason: "timeout" (not whole within header_timeout_s) or "too_large".
+        self.head_rejections = Counter(
+            "stepcredit_head_rejections",
+            "Connections closed because a request head did not arrive in time or was too large",
+            ["reason"],
+            registry=r,
+        )
         # Outcomes are "ok" or a reload error code: a fixed, small set.
         self.reloads = Counter("stepcredit_reloads", "POST /v1/admin/reload by outcome", ["outcome"], registry=r)
         self.reload_latency = Histogram(
