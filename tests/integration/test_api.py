@@ -339,6 +339,10 @@ async def test_metrics_count_requests_items_errors_and_tokens(client):
     assert 'stepcredit_item_errors_total{code="token_ids_mismatch"} 1.0' in text
     assert "stepcredit_probe_tokens_total" in text and "stepcredit_queue_depth" in text
     assert "stepcredit_request_latency_seconds_bucket" in text
+    # What admission decides on, and what Retry-After is computed from.
+    assert "stepcredit_queued_tokens 0.0" in text
+    rate = next(line for line in text.splitlines() if line.startswith("stepcredit_drain_rate_tokens_per_second "))
+    assert float(rate.split()[1]) > 0
 
 
 async def test_garbage_completions_never_crash_and_never_get_made_up_rewards(client):

@@ -115,6 +115,14 @@ def create_app(
     metrics.ready.set_function(lambda: float(is_ready()))
     metrics.draining.set_function(lambda: float(drain.draining))
 
+    def of_scorer(read: Callable[[Scorer], float | None]) -> Callable[[], float]:
+        """A gauge that reads the scorer serving now (0 before one exists)."""
+        return lambda: float((read(state["scorer"]) or 0.0) if state["scorer"] is not None else 0.0)
+
+    metrics.queue_depth.set_function(of_scorer(lambda s: s.queue_depth))
+    metrics.queued_tokens.set_function(of_scorer(lambda s: s.batcher.queued_tokens))
+    metrics.drain_rate.set_function(of_scorer(lambda s: s.batcher.drain_rate))
+
     async def load() -> None:
         try:
             current = state["scorer"]
@@ -125,7 +133,6 @@ def create_app(
             if not current.ready:
                 await current.start()
             metrics.set_model(current.backend.info)
-            metrics.queue_depth.set_function(lambda: current.queue_depth)
             log.info("ready: %s", current.backend.info.model_dump_json())
         except Exception as exc:  # the orchestrator restarts a process that cannot load
             log.exception("model failed to load")

@@ -33,7 +33,15 @@ class Metrics:
             "stepcredit_probe_tokens", "Tokens forwarded through the model", registry=r
         )
         self.probes = Counter("stepcredit_probes", "Prefix probes run", registry=r)
-        self.queue_depth = Gauge("stepcredit_queue_depth", "Batches waiting for the backend", registry=r)
+        self.queue_depth = Gauge("stepcredit_queue_depth", "Trajectories waiting for the backend", registry=r)
+        self.queued_tokens = Gauge(
+            "stepcredit_queued_tokens", "Estimated probe tokens waiting for the backend (admission counts these)", registry=r
+        )
+        self.drain_rate = Gauge(
+            "stepcredit_drain_rate_tokens_per_second",
+            "Estimated tokens per second the backend drains, measured (Retry-After is computed from it)",
+            registry=r,
+        )
         self.ready = Gauge(
             "stepcredit_ready", "1 when the model is loaded and warmed and the service is not draining", registry=r
         )
