@@ -286,6 +286,19 @@ async def test_reload_can_be_turned_off_and_kept_inside_a_folder(make_app, check
         assert (await reload(client, checkpoints["b"])).status_code == 200
 
 
+async def test_a_keyless_service_on_the_network_refuses_reloads_without_a_root(make_app, checkpoints):
+    # Before: anyone who could reach 0.0.0.0:8000 could make it load any folder on its machine.
+    app, _ = await make_app(host="0.0.0.0")
+    async with asgi_client(app) as client:
+        response = await reload(client, checkpoints["b"])
+        assert response.status_code == 403 and response.json()["error"]["code"] == "reload_disabled"
+        assert "STEPCREDIT_API_KEY" in response.json()["error"]["message"]
+    for settings in ({"host": "0.0.0.0", "admin_reload_root": checkpoints["b"].parent}, {"host": "::1"}):
+        app, _ = await make_app(**settings)
+        async with asgi_client(app) as client:
+            assert (await reload(client, checkpoints["b"])).status_code == 200, settings
+
+
 async def test_request_fields_are_bounded(make_app):
     app, _ = await make_app()
     async with asgi_client(app) as client:

@@ -11,6 +11,7 @@ and body time. `app.state.drain` is the drain SIGTERM starts (server.py runs it)
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import math
@@ -301,6 +302,12 @@ def create_app(
         old weights keep serving."""
         if not settings.admin_reload:
             raise _ReloadDisabled("reloads are turned off on this service (STEPCREDIT_ADMIN_RELOAD=false)")
+        if settings.api_key is None and settings.admin_reload_root is None and not _loopback(settings.host):
+            # Anyone on the network could make the service read any folder on its machine.
+            raise _ReloadDisabled(
+                f"reloads on a service listening on {settings.host} need STEPCREDIT_API_KEY or "
+                "STEPCREDIT_ADMIN_RELOAD_ROOT"
+            )
         current = ready_scorer()
         try:
             # Shielded: a client that gives up must not leave a swap half done.
@@ -418,6 +425,16 @@ async def _until_done(work: Awaitable[T], drain: Drain, request: Request | None 
 
 class _ClientGone(Exception):
     pass
+
+
+def _loopback(host: str) -> bool:
+    """Only this machine can connect (`localhost`, 127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
 
 
 class _ReloadDisabled(ReloadError):
