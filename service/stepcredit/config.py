@@ -40,13 +40,16 @@ class Limits(BaseSettings):
     """Longest `completion_token_ids`; longer get 422."""
     max_pattern_chars: int = Field(500, ge=10, le=10_000)
     """Longest user-given regex for the `regex` format; longer get 422."""
-    max_probe_tokens_per_item: int = Field(32_768, ge=64, le=1 << 24)
-    """Most reference tokens one item may ask the model to score: probes (steps + 1) x
-    references x reference tokens. More is that item's `limit_exceeded`, before any model work."""
+    max_probe_tokens_per_item: int | None = Field(None, ge=64, le=1 << 24)
+    """Most reference tokens one item may ask the model to score: probes (steps + 1) x the
+    sum of its references' tokens. More is that item's `limit_exceeded`, before any model work.
+    Unset: 1024 when the model runs on a CPU (such an item holds SmolLM2 on 2 cores for about
+    8 s), 32768 on a GPU or with vllm-remote."""
     pattern_timeout_s: float = Field(0.25, gt=0, le=10)
-    """Time limit of one user regex over one completion."""
+    """Time limit of the user regexes (compiling and matching both) over one completion;
+    past it the item gets `limit_exceeded`."""
     max_pattern_s_per_request: float = Field(1.0, gt=0, le=60)
-    """Regex time one request may spend in all; its items past it get `limit_exceeded`."""
+    """Regex time one request may spend in all; its regex items past it get `limit_exceeded`."""
 
 
 class Settings(Limits):
@@ -69,7 +72,7 @@ class Settings(Limits):
     """When set, a reload may read only folders inside this one."""
 
     # --- lifecycle and transport
-    drain_timeout_s: float = Field(50.0, ge=0, le=3600)
+    drain_timeout_s: float = Field(45.0, ge=0, le=3600)
     """On SIGTERM: how long accepted requests may run before their items get `shutting_down`
     errors and the process exits 0 (Kubernetes' grace period minus the preStop pause and a margin)."""
     header_timeout_s: float = Field(10.0, gt=0, le=600)
@@ -132,16 +135,26 @@ class Settings(Limits):
     max_queued_tokens: int = Field(262_144, ge=64, le=1 << 30)
     """Estimated probe tokens that may wait for the backend, counted after preparation;
     a request that would pass it gets 429 with a Retry-After from the measured drain rate."""
+    max_queue_wait_s: float = Field(60.0, gt=0, le=3600)
+    """Longest predicted wait for a request's scores (the backlog ahead of it plus its own
+    work, at the measured drain rate); a request that would wait longer gets 429 with a
+    Retry-After. Keep it well under the clients' timeout (the client's default is 120 s):
+    work whose client has given up is wasted."""
     pattern_workers: int = Field(2, ge=1, le=64)
-    """Threads that run user regexes (`regex` format), off the shared preparation thread."""
+    """Worker processes that run user regexes (`regex` format), off the shared preparation
+    thread; one request uses one at a time, so this many requests' patterns run at once."""
+    pattern_memory_mb: int = Field(256, ge=64, le=65536)
+    """Address-space limit of each pattern worker on top of its start-up size (a 17-character
+    pattern such as `(x{65534}){65534}` asks the regex compiler for gigabytes)."""
 
     # --- verification
     verify_workers: int = Field(2, ge=1, le=64)
     """Math-Verify worker processes."""
     verify_timeout_s: float = Field(5.0, gt=0, le=120)
     """Hard timeout per item for answer verification (default of the item option)."""
-    max_verify_timeout_s: float = Field(30.0, gt=0, le=120)
-    """Largest `verify_timeout_s` an item may use; larger asks are capped to it."""
+    max_verify_timeout_s: float = Field(10.0, gt=0, le=120)
+    """Largest `verify_timeout_s` an item may use; larger asks are capped to it. It is also
+    how long slow answers of other requests can hold a verify worker."""
     verify_memory_mb: int = Field(2048, ge=256, le=65536)
     """Address-space limit of each verify worker."""
 

@@ -2,11 +2,17 @@
 
 Data path for one batch (read top to bottom):
 
-1. prepare (one worker thread, since HF tokenizers must not be shared across
-   threads): options -> prompt -> structure -> steps -> probe token ids;
+1. prepare: user regexes (`regex` format) in the pattern worker processes, then
+   on one thread (HF tokenizers must not be shared across threads): options ->
+   prompt -> structure -> steps -> probe token ids, each item bounded by the cost
+   model (probes x reference tokens) before any model work. Requests take turns
+   on that thread in slices of `_PREPARE_SLICE_S`;
 2. verify the extracted answers in worker processes, concurrently with
 3. the backend's log-likelihoods for every probe and reference;
 4. credit: watermark, gains, outcome, gates -> one ScoreResult per item.
+
+Each request is one `owner` to the pattern and verify pools, which share their
+workers fairly between requests (see workers.py).
 
 `reload` swaps in new weights between backend calls (POST /v1/admin/reload); each
 batch reports the model that scored it.
@@ -26,10 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .backends.base import Backend, BackendDeadError
-from .batching import Batcher, Overloaded
+from .batching import Batcher, Overloaded, estimate_tokens
 from .config import Settings
 from .credit import NonFiniteError, mig_credit, outcome_reward, shape_problem
-from .probes import ProbeError, TrajectoryProbes, check_completion_ids, ids_probes, text_probes
+from .patterns import PatternJob, PatternPool
+from .probes import ProbeError, TrajectoryProbes, check_completion_ids, check_context, ids_probes, text_probes
 from .protocol import ItemOptions, ModelInfo, ScoreItem, ScoreResult, StepResult, Usage
 from .reload import Reloader, ReloadOutcome
 from .structure import (
@@ -45,6 +52,17 @@ from .verify import VerifierPool, Verdict, VerifyError
 __all__ = ["Scorer", "ScoreBatch", "Overloaded", "ReloadOutcome", "ResolvedOptions", "resolve_options"]
 
 log = logging.getLogger(__name__)
+
+# How long one request prepares before the next request's items get the thread: a
+# 512-item request must not hold a one-item request for its whole preparation.
+_PREPARE_SLICE_S = 0.02
+
+# Default of `max_probe_tokens_per_item`. Measured with SmolLM2 (hf packed) on the 2-core
+# CPU, a one-item request sent beside one item of 512 probe tokens waited 3-5 s, beside
+# 1,024 8-11 s. 512 would refuse ordinary items (34 steps x 3 answer forms of 4 + 6 + 9
+# tokens is 665), so the CPU allows twice that; a GPU is about 100x faster.
+_PROBE_TOKENS_CPU = 1024
+_PROBE_TOKENS_ACCELERATED = 32_768
 
 
 @dataclass(frozen=True)
@@ -117,7 +135,13 @@ _WARM_ITEM = ScoreItem(
 
 
 class Scorer:
-    def __init__(self, backend: Backend, settings: Settings, verifier: VerifierPool | None = None) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        settings: Settings,
+        verifier: VerifierPool | None = None,
+        patterns: PatternPool | None = None,
+    ) -> None:
         self.settings = settings
         self.tokenizer = backend.tokenizer
         self.verifier = verifier or VerifierPool(
@@ -125,12 +149,20 @@ class Scorer:
             timeout_s=settings.verify_timeout_s,
             memory_limit_mb=settings.verify_memory_mb,
         )
+        self.patterns = patterns or PatternPool(
+            workers=settings.pattern_workers,
+            timeout_s=settings.pattern_timeout_s,
+            budget_s=settings.max_pattern_s_per_request,
+            memory_limit_mb=settings.pattern_memory_mb,
+        )
         self._prepare_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
         self.batcher = Batcher(
             backend,
             max_batch_tokens=settings.batch_max_tokens,
             max_wait_s=settings.batch_max_wait_ms / 1000,
             max_queued=settings.max_queued_items,
+            max_queued_tokens=settings.max_queued_tokens,
+            max_wait_for_scores_s=settings.max_queue_wait_s,
             max_inflight=backend.max_inflight_batches,
         )
         self.ready = False
@@ -142,6 +174,13 @@ class Scorer:
         return self.batcher.backend
 
     @property
+    def max_probe_tokens(self) -> int:
+        """The cost model's limit per item: the setting, else by where the model runs."""
+        if self.settings.max_probe_tokens_per_item is not None:
+            return self.settings.max_probe_tokens_per_item
+        return _PROBE_TOKENS_CPU if self.backend.info.device == "cpu" else _PROBE_TOKENS_ACCELERATED
+
+    @property
     def queue_depth(self) -> int:
         """Trajectories waiting for the backend."""
         return self.batcher.queued
@@ -149,6 +188,7 @@ class Scorer:
     async def start(self) -> None:
         await self.backend.start()
         await asyncio.to_thread(self.verifier.start)
+        await asyncio.to_thread(self.patterns.start)
         batch = await self.score([_WARM_ITEM])
         if batch.results[0].status != "ok":
             raise RuntimeError(f"warm-up scoring failed: {batch.results[0].error}")
@@ -161,6 +201,7 @@ class Scorer:
             pass
         await self.batcher.close()
         self.verifier.close()
+        self.patterns.close()
         self._prepare_pool.shutdown(wait=False, cancel_futures=True)
         await self.backend.aclose()
 
@@ -174,28 +215,36 @@ class Scorer:
         return await asyncio.get_running_loop().run_in_executor(self._prepare_pool, fn, *args)
 
     def _warm_probes(self) -> TrajectoryProbes:
-        return self._prepare(_WARM_ITEM, None).probes
+        return self._prepare(_WARM_ITEM, None, None).probes
 
     # ------------------------------------------------------------------ score
 
     async def score(self, items: Sequence[ScoreItem], options: ItemOptions | None = None) -> ScoreBatch:
-        """Score a batch; raises Overloaded (before any work) when the queue is full."""
+        """Score a batch; raises Overloaded when the queue is full: before any work when
+        it is full already, else once the items are prepared and their size is known."""
         self.batcher.check_capacity(len(items))
         started = time.perf_counter()
-        loop = asyncio.get_running_loop()
-        prepared = await loop.run_in_executor(self._prepare_pool, self._prepare_all, list(items), options)
+        items = list(items)
+        request = object()  # this request's key in the worker pools' fair hand-out
+
+        # 1. prepare: user regexes first (only requests with regex items wait for them).
+        structures = await self._parse_patterns(items, options, request)
+        prepared = await self._prepare_in_turns(items, options, structures)
         timings = {"prepare_s": time.perf_counter() - started}
+        # Admission, now that the request's real size is known (raises Overloaded).
+        probe_owner = [i for i, p in enumerate(prepared) if isinstance(p, _Prepared) and p.probes is not None]
+        if probe_owner:  # items without probes never wait for the backend
+            self.batcher.admit(len(probe_owner), sum(estimate_tokens(prepared[i].probes) for i in probe_owner))
 
         # 2. verification runs while the model works.
         verdicts = {
             i: asyncio.ensure_future(
-                self.verifier.verify(p.structure.answer, p.item.references, p.options.verify_timeout_s)
+                self.verifier.verify(p.structure.answer, p.item.references, p.options.verify_timeout_s, request)
             )
             for i, p in enumerate(prepared)
             if isinstance(p, _Prepared)
         }
         # 3. the batcher coalesces these probes with other requests' into backend calls.
-        probe_owner = [i for i, p in enumerate(prepared) if isinstance(p, _Prepared) and p.probes is not None]
         usage = Usage(items=len(items))
         model = None
         logliks: dict[int, list[list[float]] | Exception] = {}
@@ -228,20 +277,25 @@ class Scorer:
                     logliks = dict(zip(probe_owner, out.results, strict=True))
 
         results = []
-        for i, p in enumerate(prepared):
-            if isinstance(p, ScoreResult):
-                results.append(p)
-                continue
-            try:
-                verdict = await verdicts[i]
-            except VerifyError as exc:
-                results.append(ScoreResult.failure(p.item.id, "verify_failed", str(exc)))
-                continue
-            result = self._assemble(p, logliks.get(i), verdict)
-            if result.status == "ok" and p.probes is not None:
-                usage.probes += len(p.probes.contexts)
-                usage.reference_probes += len(p.probes.contexts) * len(p.probes.references)
-            results.append(result)
+        try:
+            for i, p in enumerate(prepared):
+                if isinstance(p, ScoreResult):
+                    results.append(p)
+                    continue
+                try:
+                    verdict = await verdicts[i]
+                except VerifyError as exc:
+                    results.append(ScoreResult.failure(p.item.id, "verify_failed", str(exc)))
+                    continue
+                result = self._assemble(p, logliks.get(i), verdict)
+                if result.status == "ok" and p.probes is not None:
+                    usage.probes += len(p.probes.contexts)
+                    usage.reference_probes += len(p.probes.contexts) * len(p.probes.references)
+                results.append(result)
+        except BaseException:  # cancelled (the client went away): its answers free their workers
+            for task in verdicts.values():
+                task.cancel()
+            raise
         usage.items_ok = sum(r.status == "ok" for r in results)
         usage.items_error = len(results) - usage.items_ok
         timings["total_s"] = time.perf_counter() - started
@@ -249,15 +303,53 @@ class Scorer:
 
     # ---------------------------------------------------------------- prepare
 
-    def _prepare_all(self, items: list[ScoreItem], options: ItemOptions | None) -> list[_Prepared | ScoreResult]:
-        out: list[_Prepared | ScoreResult] = []
-        for item in items:
+    async def _parse_patterns(
+        self, items: list[ScoreItem], options: ItemOptions | None, owner: object
+    ) -> dict[int, Structure | StructureError]:
+        """The structure of every `regex` item, from the pattern workers."""
+        eos = getattr(self.tokenizer, "eos_token", None)
+        jobs = {}
+        for i, item in enumerate(items):
             try:
-                out.append(self._prepare(item, options))
-            except ProbeError as exc:
+                opts = resolve_options(self.settings, options, item.options)
+            except StructureError:
+                continue  # preparation reports it
+            if opts.format == "regex":
+                jobs[i] = PatternJob(item.completion, eos, opts.cot_pattern, opts.answer_pattern)
+        return await self.patterns.parse(jobs, owner) if jobs else {}
+
+    async def _prepare_in_turns(
+        self, items: list[ScoreItem], options: ItemOptions | None, structures: dict[int, Structure | StructureError]
+    ) -> list[_Prepared | ScoreResult]:
+        # Each request has at most one slice queued on the one-thread executor, so
+        # concurrent requests alternate (and a cancelled one stops after its slice).
+        loop = asyncio.get_running_loop()
+        out: list[_Prepared | ScoreResult] = []
+        while len(out) < len(items):
+            out += await loop.run_in_executor(
+                self._prepare_pool, self._prepare_all, items, options, structures, len(out), _PREPARE_SLICE_S
+            )
+        return out
+
+    def _prepare_all(
+        self,
+        items: list[ScoreItem],
+        options: ItemOptions | None,
+        structures: dict[int, Structure | StructureError] | None = None,
+        start: int = 0,
+        slice_s: float | None = None,
+    ) -> list[_Prepared | ScoreResult]:
+        """Prepare items[start:], or as many of them as fit in `slice_s` (at least one)."""
+        out: list[_Prepared | ScoreResult] = []
+        until = None if slice_s is None else time.perf_counter() + slice_s
+        for i in range(start, len(items)):
+            item = items[i]
+            try:
+                out.append(self._prepare(item, options, (structures or {}).get(i)))
+            except (ProbeError, StructureError) as exc:
                 out.append(ScoreResult.failure(item.id, exc.code, str(exc)))
-            except StructureError as exc:
-                out.append(ScoreResult.failure(item.id, "invalid_options", str(exc)))
+            if until is not None and time.perf_counter() >= until:
+                break
         return out
 
     def _render_prompt(self, item: ScoreItem) -> str:
@@ -272,17 +364,21 @@ class Scorer:
         except Exception as exc:  # a template may raise on unexpected roles
             raise ProbeError("invalid_messages", f"chat template failed: {exc}") from None
 
-    def _prepare(self, item: ScoreItem, request_options: ItemOptions | None) -> _Prepared:
+    def _prepare(
+        self, item: ScoreItem, request_options: ItemOptions | None, parsed: Structure | StructureError | None
+    ) -> _Prepared:
+        """`parsed`: the pattern workers' answer for a `regex` item (None for the other formats)."""
         opts = resolve_options(self.settings, request_options, item.options)
+        if isinstance(parsed, StructureError):
+            raise parsed
+        if opts.format == "regex" and parsed is None:
+            # User patterns never run on this shared thread (see patterns.py).
+            raise RuntimeError("a regex item reached preparation without its structure")
         prompt = self._render_prompt(item)
         text = item.completion
-        structure = parse_structure(
-            text,
-            opts.format,
-            eos_text=getattr(self.tokenizer, "eos_token", None),
-            cot_pattern=opts.cot_pattern,
-            answer_pattern=opts.answer_pattern,
-        )
+        if parsed is None:
+            parsed = parse_structure(text, opts.format, eos_text=getattr(self.tokenizer, "eos_token", None))
+        structure = parsed
         ids = item.completion_token_ids
         if structure.cot_span is None:
             if ids is not None:
@@ -292,21 +388,36 @@ class Scorer:
         steps, truncated = split_steps(text, structure.cot_span, opts.step_split, opts.max_steps)
         cut_0 = steps[0][0] if steps else structure.cot_span[1]
         spans = None
+        max_context = self.backend.info.max_context
+        # The cost model bounds the item before its contexts are even tokenized.
+        max_probe_tokens = self.max_probe_tokens
         if ids is None:
             cuts = [cut_0] + [end for _, end in steps]
-            probes = text_probes(self.tokenizer, prompt, text, cuts, opts.probe_prefix, item.references)
+            probes = text_probes(
+                self.tokenizer,
+                prompt,
+                text,
+                cuts,
+                opts.probe_prefix,
+                item.references,
+                max_probe_tokens=max_probe_tokens,
+                max_context=max_context,
+            )
         else:
             probes, spans = ids_probes(
-                self.tokenizer, prompt, text, ids, cut_0, steps, opts.probe_prefix, item.references
+                self.tokenizer,
+                prompt,
+                text,
+                ids,
+                cut_0,
+                steps,
+                opts.probe_prefix,
+                item.references,
+                max_probe_tokens=max_probe_tokens,
             )
         if any(not ctx for ctx in probes.contexts):
             raise ProbeError("empty_context", "a probe has no token to condition on (empty prompt and prefix)")
-        if probes.longest_sequence > self.backend.info.max_context:
-            raise ProbeError(
-                "context_too_long",
-                f"the longest probe is {probes.longest_sequence} tokens, "
-                f"the model takes {self.backend.info.max_context}",
-            )
+        check_context(probes.longest_sequence, max_context)
         return _Prepared(item, opts, structure, steps, truncated, spans, probes)
 
     # --------------------------------------------------------------- assemble

@@ -5,6 +5,13 @@ tokenized on its own and appended by the backend. The trunk is the tokenization
 of the longest context; backends that share work between probes (the packed
 strategy, vLLM's prefix cache) branch each probe off the trunk at the longest
 common token prefix, so the numbers never depend on that sharing.
+
+Cost model: whatever the backend shares, each of the K + 1 probes scores every
+reference token, so an item costs at least (K + 1) x sum of reference tokens
+"probe tokens" of model work. Builders check that bound (`max_probe_tokens`) right
+after tokenizing the references, before the contexts, and a trajectory longer than
+the model's context (`max_context`) fails after one context is tokenized, so an
+item that cannot be scored costs neither model time nor much preparation time.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ __all__ = [
     "text_probes",
     "ids_probes",
     "check_completion_ids",
+    "check_context",
+    "check_probe_tokens",
     "token_cover",
 ]
 
@@ -44,6 +53,32 @@ class TrajectoryProbes:
     @property
     def longest_sequence(self) -> int:
         return max(len(c) for c in self.contexts) + max(len(r) for r in self.references)
+
+    @property
+    def probe_tokens(self) -> int:
+        """Reference tokens the model scores: probes x sum of reference tokens (the cost model)."""
+        return len(self.contexts) * sum(len(r) for r in self.references)
+
+
+def check_probe_tokens(n_probes: int, references: Sequence[Sequence[int]], limit: int) -> None:
+    """`limit_exceeded` when n_probes x reference tokens is over `limit` (max_probe_tokens_per_item)."""
+    lengths = [len(r) for r in references]
+    cost = n_probes * sum(lengths)
+    if cost <= limit:
+        return
+    if len(set(lengths)) == 1:
+        refs = f"{len(lengths)} reference{'s' if len(lengths) > 1 else ''} x {lengths[0]} tokens"
+    else:
+        refs = f"{len(lengths)} references of {' + '.join(map(str, lengths))} tokens"
+    raise ProbeError(
+        "limit_exceeded",
+        f"{n_probes} probes x {refs} = {cost} probe tokens, limit max_probe_tokens_per_item={limit}",
+    )
+
+
+def check_context(tokens: int, max_context: int) -> None:
+    if tokens > max_context:
+        raise ProbeError("context_too_long", f"the longest probe is {tokens} tokens, the model takes {max_context}")
 
 
 def _adds_bos(tokenizer, text: str) -> bool:
@@ -75,11 +110,22 @@ def text_probes(
     cuts: Sequence[int],
     probe_prefix: str,
     references: Sequence[str],
+    *,
+    max_probe_tokens: int | None = None,
+    max_context: int | None = None,
 ) -> TrajectoryProbes:
     """Probes from text: `cuts` are the character offsets b, end_1, .., end_K."""
-    contexts = encode_text(tokenizer, [prompt + completion[:c] + probe_prefix for c in cuts])
+    refs = encode_references(tokenizer, references)
+    if max_probe_tokens is not None:
+        check_probe_tokens(len(cuts), refs, max_probe_tokens)
+    texts = [prompt + completion[:c] + probe_prefix for c in cuts]
+    if max_context is not None:
+        # The last context is the longest: 257 contexts of a 60,000-character completion
+        # take over a second to tokenize, for an item the model cannot take anyway.
+        check_context(len(encode_text(tokenizer, texts[-1:])[0]) + max(map(len, refs)), max_context)
+    contexts = encode_text(tokenizer, texts)
     trunk = encode_text(tokenizer, [prompt + completion[: cuts[-1]]])[0]
-    return TrajectoryProbes(trunk, contexts, encode_references(tokenizer, references))
+    return TrajectoryProbes(trunk, contexts, refs)
 
 
 class _Decoder:
@@ -149,8 +195,13 @@ def ids_probes(
     steps: Sequence[tuple[int, int]],
     probe_prefix: str,
     references: Sequence[str],
+    *,
+    max_probe_tokens: int | None = None,
 ) -> tuple[TrajectoryProbes, list[tuple[int, int]]]:
     """Probes from the policy's token ids; also returns each step's [token_start, token_end)."""
+    refs = encode_references(tokenizer, references)
+    if max_probe_tokens is not None:
+        check_probe_tokens(len(steps) + 1, refs, max_probe_tokens)
     decoder = check_completion_ids(tokenizer, completion, completion_ids)
     # Per-token decode lengths only guess where a character offset falls.
     pieces = tokenizer.batch_decode(
@@ -190,4 +241,4 @@ def ids_probes(
     ids = list(completion_ids)
     contexts = [prompt_ids + ids[:c] + prefix_ids for c in cut_tokens]
     trunk = prompt_ids + ids[: cut_tokens[-1]]
-    return TrajectoryProbes(trunk, contexts, encode_references(tokenizer, references)), spans
+    return TrajectoryProbes(trunk, contexts, refs), spans

@@ -20,10 +20,12 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SkipValidation,
-    StrictInt,
+    Strict,
+    StrictFloat,
     ValidationError,
     model_validator,
 )
@@ -67,7 +69,19 @@ def _utf8(text: str) -> str:
 
 Text = Annotated[str, AfterValidator(_utf8)]
 """A string that can be encoded (JSON allows lone surrogates; UTF-8 does not)."""
-Weight = Annotated[float, Field(ge=-1e6, le=1e6, allow_inf_nan=False)]
+def _whole_number(value: object) -> object:
+    """JSON Schema's `integer` admits 5.0; a boolean or 5.5 is still refused (StrictInt)."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+        return int(value)
+    return value
+
+
+def whole_number(minimum: int) -> object:
+    """An integer of at least `minimum` as JSON Schema defines integers: 5 or 5.0, never
+    `true`, "5" or 5.5 (the bound goes before the validator, so the schema shows it)."""
+    return Annotated[int, Strict(), Field(ge=minimum), BeforeValidator(_whole_number)]
+# Strict: a JSON boolean is no number (lax mode read `true` as a weight of 1.0); ints are.
+Weight = Annotated[StrictFloat, Field(ge=-1e6, le=1e6, allow_inf_nan=False)]
 
 
 class _Strict(BaseModel):
@@ -89,11 +103,11 @@ class ItemOptions(_Strict):
     answer_pattern: Text | None = None
     """`regex` format: pattern whose first capture group is the answer."""
     step_split: StepSplit | None = None
-    max_steps: StrictInt | None = Field(None, ge=1)
+    max_steps: whole_number(1) | None = None
     probe_prefix: Text | None = Field(None, max_length=1000)
     acc_weight: Weight | None = None
     format_weight: Weight | None = None
-    verify_timeout_s: float | None = Field(None, gt=0, le=120, allow_inf_nan=False)
+    verify_timeout_s: StrictFloat | None = Field(None, gt=0, le=120, allow_inf_nan=False)
     """Capped by the server's `max_verify_timeout_s`."""
 
 
@@ -103,7 +117,7 @@ class ScoreItem(_Strict):
     messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=512)
     completion: Text
     references: list[Text] = Field(min_length=1)
-    completion_token_ids: list[Annotated[StrictInt, Field(ge=0)]] | None = None
+    completion_token_ids: list[whole_number(0)] | None = None
     options: ItemOptions | None = None
 
     @model_validator(mode="after")

@@ -2,11 +2,16 @@
 
 Pure functions over strings: no tokenizer, no model. Every span is a
 half-open [start, end) range of character offsets into the completion.
+
+The `regex` format runs user-given patterns: the service calls it only inside the
+pattern worker processes (`patterns.py`), never on the shared preparation thread,
+since compiling or matching a hostile pattern can take seconds and gigabytes.
 """
 
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 
 import regex
@@ -14,6 +19,7 @@ import regex
 __all__ = [
     "Structure",
     "StructureError",
+    "PatternTimeout",
     "parse_structure",
     "split_steps",
     "find_boxes",
@@ -24,9 +30,9 @@ __all__ = [
 THINK_PROBE_PREFIX = "\n</think>\n<answer>\n"
 BOXED_PROBE_PREFIX = "\nThe final answer is $\\boxed{"
 
-# User-given patterns run with the `regex` module so that a catastrophic
-# backtracking pattern is stopped instead of hanging the scorer.
-PATTERN_TIMEOUT_S = 1.0
+# User-given patterns run with the `regex` module, whose `timeout` stops a catastrophic
+# backtracking pattern; this is the default of the service's `pattern_timeout_s`.
+PATTERN_TIMEOUT_S = 0.25
 
 _MARKER = re.compile(r"\s*(#+\s*)?step\s*\d+", re.IGNORECASE)
 _BOX_OPEN = re.compile(r"\\boxed\s*\{")
@@ -36,7 +42,16 @@ _BOXED_TRAILER = re.compile(r"(?:\s|\$|\\\]|\\\)|[.,;!])*")
 
 
 class StructureError(ValueError):
-    """The item's format options cannot be applied (bad user regex, regex timeout)."""
+    """The item's format options cannot be applied (bad user regex); `code` is the item's error code."""
+
+    code = "invalid_options"
+
+
+class PatternTimeout(StructureError):
+    """The user patterns ran past their time limit over this completion (a server limit,
+    not bad options: the same patterns may pass on a shorter text)."""
+
+    code = "limit_exceeded"
 
 
 @dataclass(frozen=True)
@@ -104,13 +119,15 @@ def parse_structure(
     eos_text: str | None = None,
     cot_pattern: str | None = None,
     answer_pattern: str | None = None,
+    pattern_timeout_s: float = PATTERN_TIMEOUT_S,
 ) -> Structure:
+    """`pattern_timeout_s` bounds compiling and matching both user patterns (`regex` format)."""
     if fmt == "think_answer":
         return _think_answer(completion, eos_text)
     if fmt == "boxed":
         return _boxed(completion, eos_text)
     if fmt == "regex":
-        return _regex_pair(completion, eos_text, cot_pattern, answer_pattern)
+        return _regex_pair(completion, eos_text, cot_pattern, answer_pattern, pattern_timeout_s)
     raise StructureError(f"unknown format {fmt!r}")
 
 
@@ -181,15 +198,26 @@ def _compile(pattern: str | None, name: str) -> regex.Pattern:
     return compiled
 
 
-def _regex_pair(text: str, eos: str | None, cot_pattern: str | None, answer_pattern: str | None) -> Structure:
+def _time_left(deadline: float, limit_s: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise PatternTimeout(f"the user patterns ran past their time limit of {limit_s:g} s")
+    return left
+
+
+def _regex_pair(
+    text: str, eos: str | None, cot_pattern: str | None, answer_pattern: str | None, timeout_s: float
+) -> Structure:
+    # One deadline for both patterns, compilation included (the regex timeout covers matching only).
+    deadline = time.monotonic() + timeout_s
     cot_re = _compile(cot_pattern, "cot_pattern")
     ans_re = _compile(answer_pattern, "answer_pattern")
     try:
-        cot_matches = list(cot_re.finditer(text, timeout=PATTERN_TIMEOUT_S))
+        cot_matches = list(cot_re.finditer(text, timeout=_time_left(deadline, timeout_s)))
         cot_end = cot_matches[0].end() if cot_matches else 0
-        ans_matches = list(ans_re.finditer(text, pos=cot_end, timeout=PATTERN_TIMEOUT_S))
+        ans_matches = list(ans_re.finditer(text, pos=cot_end, timeout=_time_left(deadline, timeout_s)))
     except TimeoutError:
-        raise StructureError("a user-given pattern ran past its time limit") from None
+        raise PatternTimeout(f"the user patterns ran past their time limit of {timeout_s:g} s") from None
 
     cot_span = None
     if cot_matches and cot_matches[0].start(1) >= 0:

@@ -366,3 +366,25 @@ async def test_garbage_completions_never_crash_and_never_get_made_up_rewards(cli
             assert r["mig_reward"] == pytest.approx(sum(s["gain"] for s in r["steps"]), abs=1e-9)
         else:
             assert r["error"]["code"] and r["outcome_reward"] is None and r["mig_reward"] is None
+
+
+async def test_integers_are_json_schema_integers_and_booleans_are_no_numbers(client):
+    # Found by schema fuzzing: `max_steps: 2.0` (an integer in JSON Schema) was refused, and
+    # `format_weight: true` was read as a weight of 1.0.
+    body = await score(client, {**GOOD, "options": {"max_steps": 2.0}})
+    assert len(body["results"][0]["steps"]) == 2
+    for options in ({"max_steps": True}, {"max_steps": 2.5}, {"acc_weight": True}, {"verify_timeout_s": False}):
+        (result,) = (await score(client, {**GOOD, "options": options}))["results"]
+        assert result["status"] == "error" and result["error"]["code"] == "invalid_item", options
+    await score(client, GOOD, options={"format_weight": True}, expect=422)
+
+
+async def test_the_openapi_states_this_services_limits(tiny_scorer, tmp_path):
+    # Found by schema fuzzing: a schema-valid `max_steps: 595` was refused (limit 256), and
+    # nothing in the schema said so.
+    settings = Settings(cache_dir=tmp_path, api_key=None, max_steps_limit=100, max_items_per_request=7)
+    async with asgi_client(create_app(settings, scorer=tiny_scorer)) as c:
+        schemas = (await c.get("/openapi.json")).json()["components"]["schemas"]
+    assert schemas["ScoreRequest"]["properties"]["items"]["maxItems"] == 7
+    assert schemas["ItemOptions"]["properties"]["max_steps"]["anyOf"][0]["maximum"] == 100
+    assert schemas["ScoreItem"]["properties"]["references"]["maxItems"] == settings.max_references_per_item

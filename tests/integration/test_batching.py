@@ -132,8 +132,8 @@ async def test_retry_after_follows_the_measured_drain_rate(make_scorer):
     assert scorer.batcher.drain_rate and scorer.batcher.drain_rate > 0
     loop = asyncio.get_running_loop()
     async with scorer.batcher.drained():  # hold the backlog in the queue while we ask
-        tasks = [asyncio.create_task(scorer.score(items(8, seed=20 + i))) for i in range(8)]
-        while scorer.batcher.queued < 64:
+        tasks = [asyncio.create_task(scorer.score(items(8, seed=20 + i))) for i in range(12)]
+        while scorer.batcher.queued < 96:
             await asyncio.sleep(0.01)
         backlog = scorer.batcher.queued_tokens
         scorer.batcher.max_queued_tokens, limit = backlog, scorer.batcher.max_queued_tokens
@@ -144,8 +144,8 @@ async def test_retry_after_follows_the_measured_drain_rate(make_scorer):
     await asyncio.gather(*tasks)
     actual = loop.time() - started
     announced = refused.value.retry_after_s
-    assert actual > 2  # long enough for the comparison to mean something
-    assert actual / 2 <= announced <= 2 * actual, (announced, actual)
+    # Within half to twice the real wait (Retry-After is at least 1 s).
+    assert max(1.0, actual / 2) - 0.25 <= announced <= max(1.0, 2 * actual), (announced, actual)
 
 
 async def test_a_request_abandoned_inside_a_running_call_stops_costing_model_time(make_scorer, monkeypatch):
@@ -177,3 +177,24 @@ async def test_a_request_abandoned_inside_a_running_call_stops_costing_model_tim
     # The scorer is not harmed: the same request scores as before.
     again = await scorer.score(batch)
     assert [r.mig_reward for r in again.results] == pytest.approx([r.mig_reward for r in full.results], abs=1e-5)
+
+
+async def test_a_request_that_would_wait_past_the_limit_is_refused_before_its_client_gives_up(make_scorer):
+    # Before: nothing was refused at twice the capacity; the queue grew until clients timed
+    # out (40-75% of requests) and the work done for them was wasted.
+    scorer = await make_scorer(batch_max_wait_ms=0)
+    await scorer.score(items(4, seed=30))  # measure the drain rate
+    rate = scorer.batcher.drain_rate
+    async with scorer.batcher.drained():
+        tasks = [asyncio.create_task(scorer.score(items(8, seed=40 + i))) for i in range(4)]
+        while scorer.batcher.queued < 32:
+            await asyncio.sleep(0.01)
+        backlog = scorer.batcher.queued_tokens
+        scorer.batcher.max_wait_for_scores_s = backlog / rate / 2
+        with pytest.raises(Overloaded) as refused:
+            await scorer.score(items(1, seed=50))  # refused before it is even prepared
+        assert "its scores would take about" in str(refused.value)
+        # Retry-After: when the backlog will have drained under the limit.
+        assert refused.value.retry_after_s == pytest.approx(max(1.0, backlog / rate / 2), rel=0.05)
+        scorer.batcher.max_wait_for_scores_s = float("inf")
+    assert all(r.status == "ok" for batch in await asyncio.gather(*tasks) for r in batch.results)

@@ -95,3 +95,46 @@ def test_reference_that_tokenizes_to_nothing_is_an_error(tokenizer):
     with pytest.raises(ProbeError) as err:
         text_probes(tokenizer, PROMPT, COMPLETION, cuts, THINK_PROBE_PREFIX, [""])
     assert err.value.code == "empty_reference"
+
+
+class CountingTokenizer:
+    """The real tokenizer, counting the texts it is asked to tokenize."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.texts = inner, 0
+
+    def __call__(self, texts, **kwargs):
+        self.texts += len(texts) if isinstance(texts, list) else 1
+        return self.inner(texts, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_the_cost_model_fails_an_item_before_its_contexts_are_tokenized(tokenizer):
+    cuts, steps = cuts_and_steps()  # 4 probes
+    refs = ["7" * 300, "12"]  # 300 + 1 tokens: SmolLM2 reads digits one by one
+    counting = CountingTokenizer(tokenizer)
+    with pytest.raises(ProbeError) as err:
+        text_probes(counting, PROMPT, COMPLETION, cuts, THINK_PROBE_PREFIX, refs, max_probe_tokens=1024)
+    assert err.value.code == "limit_exceeded"
+    assert str(err.value) == (
+        "4 probes x 2 references of 300 + 2 tokens = 1208 probe tokens, limit max_probe_tokens_per_item=1024"
+    )
+    assert counting.texts == len(refs)  # only the references were tokenized
+    with pytest.raises(ProbeError, match="4 probes x 2 references of 300 \\+ 2 tokens"):
+        ids_probes(
+            tokenizer, PROMPT, COMPLETION, tokenizer(COMPLETION, add_special_tokens=False)["input_ids"],
+            cuts[0], steps, THINK_PROBE_PREFIX, refs, max_probe_tokens=1024,
+        )  # fmt: skip
+    probes = text_probes(tokenizer, PROMPT, COMPLETION, cuts, THINK_PROBE_PREFIX, refs, max_probe_tokens=1208)
+    assert probes.probe_tokens == 1208  # at the limit is fine
+
+
+def test_a_trajectory_longer_than_the_context_fails_after_one_context(tokenizer):
+    cuts, _ = cuts_and_steps()
+    counting = CountingTokenizer(tokenizer)
+    with pytest.raises(ProbeError) as err:
+        text_probes(counting, PROMPT, COMPLETION, cuts, THINK_PROBE_PREFIX, ["5"], max_context=20)
+    assert err.value.code == "context_too_long"
+    assert counting.texts == 2  # the reference and the last (longest) context

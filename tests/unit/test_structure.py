@@ -1,8 +1,10 @@
 """Structure parsing (SPEC section 2): format_ok, COT region, extracted answer."""
 
+import time
+
 import pytest
 
-from stepcredit.structure import StructureError, find_boxes, parse_structure
+from stepcredit.structure import PatternTimeout, StructureError, find_boxes, parse_structure
 
 EOS = "<|im_end|>"
 
@@ -126,5 +128,11 @@ def test_regex_format_rejects_bad_patterns():
 
 
 def test_regex_format_stops_catastrophic_backtracking():
-    with pytest.raises(StructureError, match="time limit"):
-        parse_structure("a" * 60 + "!", "regex", cot_pattern=r"((a|aa)+)$", answer_pattern=r"(b)")
+    t0 = time.monotonic()
+    with pytest.raises(PatternTimeout, match="time limit of 0.1 s") as stopped:
+        parse_structure(
+            "a" * 60 + "!", "regex", cot_pattern=r"((a|aa)+)$", answer_pattern=r"(b)", pattern_timeout_s=0.1
+        )
+    assert time.monotonic() - t0 < 0.5
+    # A server limit over this text, not a mistake in the options.
+    assert stopped.value.code == "limit_exceeded" and isinstance(stopped.value, StructureError)

@@ -367,3 +367,65 @@ async def test_answer_with_unbalanced_braces_never_matches(pool):
     # Math-Verify alone parses "2^{" as 2 and would call it equal to gold "2".
     assert await pool.verify("2^{", ["2"]) == Verdict(False, None, False)
     assert await pool.verify(r"\{1,2\}", [r"\{1,2\}"]) == Verdict(True, 0, False)
+
+
+# --------------------------------------------------------------------------- fairness between owners
+
+
+async def test_one_owners_slow_answers_leave_a_worker_for_another_owner():
+    # Before owners, two slow answers of one request held both workers for their whole timeout.
+    p = VerifierPool(workers=2, timeout_s=30.0)
+    p.start()
+    try:
+        attacker = object()
+        slow = [asyncio.create_task(p.verify("10^{10^{10^{10}}}", ["2"], owner=attacker)) for _ in range(2)]
+        await asyncio.sleep(0.5)  # one holds a worker, the other waits for its owner's turn
+        t0 = time.monotonic()
+        verdict = await asyncio.wait_for(p.verify("1/2", ["0.5"], owner=object()), 10)
+        assert verdict == Verdict(True, 0, False)
+        assert time.monotonic() - t0 < 3.0
+        assert not slow[0].done() and not slow[1].done()
+        for task in slow:
+            task.cancel()
+    finally:
+        p.close()
+
+
+async def test_owners_take_turns_on_a_single_worker():
+    # With one worker an owner may hold it, but a freed worker goes to the next owner in
+    # turn: B's one answer is checked right after A's first, not after all of A's.
+    p = VerifierPool(workers=1, timeout_s=30.0)
+    p.start()
+    try:
+        done: list[str] = []
+
+        async def check(name: str, owner: object) -> None:
+            await p.verify("3", ["3"], owner=owner)
+            done.append(name)
+
+        a, b = object(), object()
+        tasks = [asyncio.create_task(check(f"a{i}", a)) for i in range(5)]
+        await asyncio.sleep(0)  # A's first takes the worker, the others queue
+        tasks.append(asyncio.create_task(check("b", b)))
+        await asyncio.gather(*tasks)
+        assert done.index("b") <= 1, done
+    finally:
+        p.close()
+
+
+
+async def test_an_abandoned_slow_answer_frees_its_worker_within_a_second():
+    # Before: the worker ran the answer nobody waited for until its whole timeout (30 s).
+    p = VerifierPool(workers=1, timeout_s=30.0)
+    p.start()
+    try:
+        slow = asyncio.create_task(p.verify("10^{10^{10^{10}}}", ["2"]))
+        await asyncio.sleep(0.5)
+        slow.cancel()
+        t0 = time.monotonic()
+        verdict = await asyncio.wait_for(p.verify("1/2", ["0.5"]), 20)
+        assert verdict == Verdict(True, 0, False)
+        assert time.monotonic() - t0 < 1.0 + SLACK_S  # the grace, then a fresh worker's start
+        assert p.restarts == 1
+    finally:
+        p.close()

@@ -165,6 +165,7 @@ def create_app(
     )
     app.state.settings = settings
     app.state.metrics = metrics
+    _document_limits(app, limits)
     app.state.load_state = state
     app.state.drain = drain
     app.state.closed = False
@@ -384,6 +385,36 @@ def create_app(
         body_timeout_s=settings.body_timeout_s,
     )
     return app
+
+
+def _document_limits(app: FastAPI, limits) -> None:
+    """Put this service's configured limits into its OpenAPI (maxItems, maximum,
+    maxLength), so a client (or a schema fuzzer) knows what will be refused."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schemas = build()["components"]["schemas"]  # FastAPI caches this very dict
+
+            def bound(prop: dict, **keywords) -> None:
+                for branch in prop.get("anyOf", [prop]):  # the non-null branch of `X | None`
+                    if branch.get("type") not in (None, "null"):
+                        branch.update(keywords)
+
+            request_items = schemas["ScoreRequest"]["properties"]["items"]
+            request_items["maxItems"] = limits.max_items_per_request
+            for item in (schemas["ScoreItem"], request_items["items"]):
+                props = item["properties"]
+                bound(props["references"], maxItems=limits.max_references_per_item)
+                props["references"]["items"]["maxLength"] = limits.max_reference_chars
+                bound(props["completion_token_ids"], maxItems=limits.max_token_ids)
+            options = schemas["ItemOptions"]["properties"]
+            bound(options["max_steps"], maximum=limits.max_steps_limit)
+            for name in ("cot_pattern", "answer_pattern"):
+                bound(options[name], maxLength=limits.max_pattern_chars)
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 def _field(error: dict) -> str:

@@ -52,7 +52,9 @@ _TRANSIENT = {"backend_error", "shutting_down"}
 # A dataset's answer column: text, a number, or a list of equivalent forms. The
 # schema documents that; `_references` checks it, because pydantic's lax modes
 # would read `false` as the reference "0" and let NaN through as "nan".
-_LABEL_SCHEMA = TypeAdapter(str | int | float | list[str | int | float] | None).json_schema()
+_LABEL_SCHEMA = TypeAdapter(str | int | float | list[str | int | float]).json_schema()
+# A null label is let through validation only to be answered with `missing_label`; the
+# schema shows what is accepted.
 _Label = Annotated[Any, WithJsonSchema(_LABEL_SCHEMA)]
 
 
@@ -60,8 +62,8 @@ class OpenRLHFRequest(BaseModel):
     # Trainers may add fields in later versions; ignore what we do not read.
     model_config = ConfigDict(extra="ignore")
     query: list[str] | str
-    prompts: list[str] | str | None = None
-    labels: list[_Label] | str | None = None
+    prompts: list[str] | str
+    labels: list[_Label] | str
 
 
 # Text or a message list; the tag picks the branch, so an error names only that
@@ -72,8 +74,14 @@ _SlimePrompt = Annotated[
 ]
 
 
+def _label_required(schema: dict) -> None:
+    schema.setdefault("required", []).append("label")
+
+
 class SlimeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # `label` may be null or missing in the model only so that the route answers it with
+    # its own code (`missing_label`); the schema says what is accepted: a label, required.
+    model_config = ConfigDict(extra="ignore", json_schema_extra=_label_required)
     prompt: _SlimePrompt
     response: str
     label: _Label = None
