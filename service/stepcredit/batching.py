@@ -13,8 +13,9 @@ the work done for it into waste (measured: at twice the capacity, open-loop clie
 with a 15 s timeout timed out on 40-75% of requests, and goodput fell to 0.3-0.6 of
 the single-client peak, while nothing was refused). A request that does not fit
 raises `Overloaded` (HTTP 429) with a Retry-After: the time until enough of the
-backlog has drained for it to fit. A request too large for an empty queue is
-admitted when nothing waits (it could never be admitted otherwise).
+backlog has drained for it to fit. Into an empty queue a request of any size is
+admitted (it could never be admitted otherwise), unless the calls running now alone
+would make it wait past the limit.
 
 A job cancelled while queued (its client went away) is dropped before it costs any
 model time; one cancelled inside a running call is marked abandoned, and a backend
@@ -58,7 +59,7 @@ def estimate_tokens(traj: TrajectoryProbes) -> int:
     return len(traj.trunk) + len(traj.contexts) * per_probe
 
 
-@dataclass
+@dataclass(eq=False)  # identity: `job in queue` must not compare token lists
 class _Job:
     probes: list[TrajectoryProbes]
     tokens: int
@@ -101,6 +102,7 @@ class Batcher:
         # Estimated tokens the backend drains per second, measured on every call
         # (an exponential average): the basis of Retry-After.
         self._drain_rate: float | None = None
+        self._recent: deque[tuple[int, float]] = deque(maxlen=16)  # (tokens, seconds) of the last calls
         self._last_done = 0.0
         self.batches = 0
 
@@ -122,12 +124,22 @@ class Batcher:
     def admit(self, trajectories: int, tokens: int = 0) -> None:
         """Raise Overloaded unless `trajectories` more (of `tokens` estimated tokens) fit
         in the queue now. Nothing is reserved: call `submit` before the next await."""
+        rate = self._drain_rate
+        if not self._queued:
+            # Nothing waits: whatever its size, it goes next, unless the calls running now
+            # alone would keep it waiting past the limit.
+            ahead = self._running_tokens / rate if rate else 0.0
+            if ahead > self.max_wait_for_scores_s:
+                raise Overloaded(
+                    max(1.0, ahead - self.max_wait_for_scores_s),
+                    f"the calls running now take about {ahead:.0f} s more ({rate:.0f} tokens/s), "
+                    f"limit {self.max_wait_for_scores_s:g} s",
+                )
+            return
         if self._queued + trajectories > self.max_queued:
             per_trajectory = self._queued_tokens / max(1, self._queued)
             excess = (self._queued + trajectories - self.max_queued) * per_trajectory
             raise Overloaded(self._wait_s(excess), f"{self._queued} trajectories are queued, limit {self.max_queued}")
-        if not self._queued:
-            return  # nothing waits: whatever its size, it goes next
         if self._queued_tokens + tokens > self.max_queued_tokens:
             excess = min(self._queued_tokens + tokens - self.max_queued_tokens, self._queued_tokens)
             raise Overloaded(
@@ -135,13 +147,13 @@ class Batcher:
                 f"{self._queued_tokens} estimated tokens are queued and this request adds {tokens}, "
                 f"limit {self.max_queued_tokens}",
             )
-        if self._drain_rate:
-            predicted = (self._running_tokens + self._queued_tokens + tokens) / self._drain_rate
+        if rate:
+            predicted = (self._running_tokens + self._queued_tokens + tokens) / rate
             if predicted > self.max_wait_for_scores_s:
                 raise Overloaded(
                     max(1.0, predicted - self.max_wait_for_scores_s),
                     f"its scores would take about {predicted:.0f} s (the backlog at "
-                    f"{self._drain_rate:.0f} tokens/s), limit {self.max_wait_for_scores_s:g} s",
+                    f"{rate:.0f} tokens/s), limit {self.max_wait_for_scores_s:g} s",
                 )
 
     def check_capacity(self, trajectories: int = 1) -> None:
@@ -285,16 +297,20 @@ class Batcher:
     def _measure(self, batch: list[_Job], started: float) -> None:
         """Refine the drain rate from one finished call. Calls may overlap (vLLM): time
         is counted from the later of this call's start and the previous call's end, so
-        overlapping calls are not charged the same seconds twice. Abandoned jobs are
-        left out: their skipped work took no time."""
+        overlapping calls are not charged the same seconds twice; the rate is the tokens of
+        the last 16 calls over their seconds (not an average of per-call rates: a call
+        that ends just after an overlapping one "took" a few ms and would read as a huge
+        rate). Abandoned jobs are left out: their skipped work took (almost) no time."""
         now = time.monotonic()
         done = sum(job.tokens for job in batch if not job.future.done())
-        elapsed = now - max(started, self._last_done)
+        elapsed = max(0.0, now - max(started, self._last_done))
         self._last_done = now
-        if done <= 0 or elapsed <= 0:
+        if done <= 0:
             return
-        sample = done / elapsed
-        self._drain_rate = sample if self._drain_rate is None else 0.7 * self._drain_rate + 0.3 * sample
+        self._recent.append((done, elapsed))
+        seconds = sum(s for _, s in self._recent)
+        if seconds > 0:
+            self._drain_rate = sum(t for t, _ in self._recent) / seconds
 
     @staticmethod
     def _split(batch: list[_Job], out: BatchLogliks) -> None:

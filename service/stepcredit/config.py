@@ -80,7 +80,8 @@ class Settings(Limits):
     body_timeout_s: float = Field(30.0, gt=0, le=3600)
     """A request whose body has not arrived in this time gets 408."""
     max_connections: int = Field(1024, ge=1, le=1_000_000)
-    """Open connections beyond this get 503 (uvicorn's limit_concurrency)."""
+    """Past this many open connections (or requests in progress) a request gets 503 (uvicorn's
+    limit_concurrency); /health and /ready are always answered."""
 
     # --- model and backend
     backend: Literal["hf", "vllm", "vllm-remote"] = "hf"
@@ -152,7 +153,7 @@ class Settings(Limits):
     """Math-Verify worker processes."""
     verify_timeout_s: float = Field(5.0, gt=0, le=120)
     """Hard timeout per item for answer verification (default of the item option)."""
-    max_verify_timeout_s: float = Field(10.0, gt=0, le=120)
+    max_verify_timeout_s: float = Field(5.0, gt=0, le=120)
     """Largest `verify_timeout_s` an item may use; larger asks are capped to it. It is also
     how long slow answers of other requests can hold a verify worker."""
     verify_memory_mb: int = Field(2048, ge=256, le=65536)

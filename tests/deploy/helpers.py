@@ -90,10 +90,9 @@ def build_settings(env: dict[str, str], monkeypatch: pytest.MonkeyPatch):
 
 @functools.cache
 def e2e_vllm_server_flags() -> frozenset[str]:
-    """The `--enable-*` flags tests/e2e/test_vllm.py starts its `vllm serve` with: the
-    configuration the vllm-remote backend is tested against. Read from the source (importing
-    it would import vLLM)."""
-    tree = ast.parse((ROOT / "tests" / "e2e" / "test_vllm.py").read_text())
+    """The `--enable-*` flags the e2e tests start their `vllm serve` with (tests/e2e/processes.py):
+    the configuration the vllm-remote backend is tested against. Read from the source."""
+    tree = ast.parse((ROOT / "tests" / "e2e" / "processes.py").read_text())
     function = next(
         n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "vllm_server_command"
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 
 import pytest
 
@@ -198,3 +199,41 @@ async def test_a_request_that_would_wait_past_the_limit_is_refused_before_its_cl
         assert refused.value.retry_after_s == pytest.approx(max(1.0, backlog / rate / 2), rel=0.05)
         scorer.batcher.max_wait_for_scores_s = float("inf")
     assert all(r.status == "ok" for batch in await asyncio.gather(*tasks) for r in batch.results)
+
+
+class _Done:
+    """A finished job as `_measure` sees it: its tokens, its future not yet resolved."""
+
+    def __init__(self, tokens: int) -> None:
+        self.tokens = tokens
+        self.future = concurrent.futures.Future()
+
+
+def test_the_drain_rate_of_overlapping_calls_is_their_throughput(monkeypatch):
+    # Found in review: four vLLM calls started together and ending 10 ms apart read as
+    # 657,000 tokens/s (each later call "took" 10 ms); the true rate is about 4,000.
+    import stepcredit.batching as batching
+    from stepcredit.batching import Batcher
+
+    batcher = Batcher(backend=None)
+    for cycle in range(3):  # 4 calls of 10,000 tokens in flight together, every 10 s
+        start = 100.0 + 10 * cycle
+        for k in range(4):
+            monkeypatch.setattr(batching.time, "monotonic", lambda t=start + 10 + 0.01 * k: t)
+            batcher._measure([_Done(10_000)], start)
+    assert 2_500 < batcher.drain_rate < 6_000, batcher.drain_rate
+
+
+def test_an_empty_queue_still_refuses_behind_calls_that_run_too_long():
+    # Found in review: with nothing queued, any request was admitted behind a running call
+    # of any length (vLLM moves jobs into free call slots at once, so the queue is often empty).
+    from stepcredit.batching import Batcher
+
+    batcher = Batcher(backend=None, max_wait_for_scores_s=10)
+    batcher._drain_rate, batcher._running_tokens = 1_000.0, 30_000
+    with pytest.raises(Overloaded) as refused:
+        batcher.admit(1, 10)
+    assert "the calls running now take about 30 s" in str(refused.value)
+    assert refused.value.retry_after_s == pytest.approx(20)
+    batcher._running_tokens = 5_000
+    batcher.admit(1, 10_000_000)  # behind 5 s of work, even a huge request goes next

@@ -159,10 +159,15 @@ def test_a_missing_token_gets_401_before_the_body_is_read(settings, http):
         assert json.loads(raw.partition(b"\r\n\r\n")[2])["error"]["code"] == "unauthorized"
 
 
-def test_connections_beyond_max_connections_get_503(settings):
-    with running(settings, HttpToolsProtocol, max_connections=2) as (port, app):
+@PROTOCOLS
+def test_connections_beyond_max_connections_get_503_but_the_probes_are_answered(settings, http):
+    # Found in review: past the cap uvicorn answered 503 to /health too, so slow clients
+    # holding every connection could get the pod restarted by its liveness probe.
+    with running(settings, http, max_connections=2) as (port, app):
         idle = [_connect(port), _connect(port)]
-        assert _get(port, "/health")[0] == 503
+        assert _get(port, "/metrics") == (503, b"Service Unavailable")  # uvicorn's own answer
+        assert _get(port, "/health")[0] == 200
+        assert json.loads(_get(port, "/ready")[1])["status"] == "loading"  # the app answered
         for sock in idle:
             sock.close()
 
@@ -212,6 +217,8 @@ async def test_openapi_documents_every_routes_error_responses_with_the_error_sch
             assert ref.endswith("/ErrorBody"), (path, status, ref)
         if "429" in statuses:
             assert "Retry-After" in responses["429"]["headers"] and "Retry-After" in responses["503"]["headers"]
+        # 400 too: the HTTP server's own answer to bytes that are not HTTP (text/plain).
+        assert "text/plain" in responses["400"]["content"], path
     detail = schema["components"]["schemas"]["ErrorDetail"]
     assert {"code", "message", "field", "errors", "items"} <= set(detail["properties"])
     assert set(detail["required"]) == {"code", "message"}

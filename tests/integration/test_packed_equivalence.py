@@ -42,7 +42,11 @@ def assert_same(packed, reference):
 
 @pytest.mark.slow
 async def test_packed_equals_per_prefix_on_smollm2_over_a_varied_set(smol_path, settings, verifier):
-    items = varied_items(seed=7)
+    # The long chains, truncation, split modes and edge cases on the real weights; every
+    # format x layout item is checked on the tiny model below (per-prefix on SmolLM2 is the
+    # slowest thing CI runs: these nine items were a quarter of it).
+    formats = ("think_answer-", "boxed-", "regex-")
+    items = [i for i in varied_items(seed=7) if not i["id"].startswith(formats)]
     packed, reference = await score_both(smol_path, settings, verifier, items)
     assert_same(packed, reference)
     by_id = {r.id: r for r in packed.results}

@@ -62,7 +62,11 @@ _DESCRIPTIONS = {
     409: ("`reload_in_progress`: another reload is running", False),
     413: ("`body_too_large` (over `STEPCREDIT_MAX_REQUEST_BYTES`) or `limit_exceeded` (too many items)", False),
     422: ("`invalid_request` (malformed body or request-level options), or a code naming the field at fault", False),
-    429: ("`overloaded`: the scoring queue is full", True),
+    429: (
+        "`overloaded`: the scoring queue is full, or this request's scores would take longer than "
+        "`STEPCREDIT_MAX_QUEUE_WAIT_S` (Retry-After: when the backlog will have drained enough)",
+        True,
+    ),
     500: ("`reload_failed`: out of memory while loading", False),
     501: ("`reload_unsupported`: the backend cannot reload (`vllm-remote`)", False),
     503: (
@@ -78,7 +82,14 @@ def error_responses(*statuses: int, by_reference: bool = False) -> dict[int | st
 
     `by_reference`: for a route whose own answer is not JSON (FastAPI would document its
     errors in the route's media type); the app's other routes put ErrorBody in the schema."""
-    out: dict[int | str, dict[str, Any]] = {}
+    # Bytes that are not HTTP never reach the app: the HTTP server answers them itself.
+    out: dict[int | str, dict[str, Any]] = {
+        400: {
+            "description": "the request is not valid HTTP/1.1 (answered by the HTTP server before the app, "
+            "as text/plain; a malformed JSON body is 422)",
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+        }
+    }
     for status in statuses:
         description, retry = _DESCRIPTIONS[status]
         if by_reference:

@@ -56,11 +56,31 @@ MAX_HEAD_BYTES = 64 * 1024
 itself; httptools keeps reading, so without this bound one URL could fill memory."""
 
 
+PROBE_PATHS = frozenset({"/health", "/ready"})
+"""Never refused for load: a liveness probe answered 503 because slow clients held every
+connection would get the pod restarted, and its accepted work lost."""
+
+
 class _HeadGuard:
-    """Mixin over a uvicorn HTTP protocol: bounds the time and size of each request head."""
+    """Mixin over a uvicorn HTTP protocol: bounds the time and size of each request head,
+    and exempts the orchestrator's probes from the connection cap."""
 
     head_timeout_s: float
     on_head_rejected: Callable[[str], None]
+
+    # uvicorn reads `limit_concurrency` once per request, right after it has built the
+    # request's scope (httptools: on_headers_complete; h11: handle_events), to answer 503
+    # past the cap; a probe reads None (no cap).
+    @property
+    def limit_concurrency(self) -> int | None:
+        scope = getattr(self, "scope", None)
+        if scope is not None and scope.get("path") in PROBE_PATHS:
+            return None
+        return self._limit_concurrency
+
+    @limit_concurrency.setter
+    def limit_concurrency(self, value: int | None) -> None:
+        self._limit_concurrency = value
 
     def connection_made(self, transport) -> None:
         self._head_timer: asyncio.TimerHandle | None = None
