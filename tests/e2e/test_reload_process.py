@@ -77,7 +77,7 @@ def test_a_bad_reload_leaves_the_old_model_serving(server, checkpoints, tmp_path
         after = client.score([ITEM])
         assert after.model.revision == "A"
         assert numbers(after.results[0]) == pytest.approx(numbers(before.results[0]), abs=1e-5)
-    metrics = httpx.get(f"{base}/metrics", timeout=10).text
+    metrics = httpx.get(f"{base}/metrics", headers=HEADERS, timeout=10).text  # behind the key
     assert 'stepcredit_reloads_total{outcome="incompatible_model"}' in metrics
     assert 'revision="A"' in next(line for line in metrics.splitlines() if line.startswith("stepcredit_model_info{"))
 

@@ -70,11 +70,22 @@ async def test_full_queue_answers_429_with_retry_after(make_scorer, settings):
         assert (await first).status_code == 200
 
 
-async def test_overloaded_is_raised_before_any_work(make_scorer):
-    scorer = await make_scorer(max_queued_items=1)
-    with pytest.raises(Overloaded):
-        await scorer.score(items(2))
-    assert scorer.batcher.queued == 0
+async def test_overloaded_is_raised_before_any_work(make_scorer, monkeypatch):
+    scorer = await make_scorer(max_queued_items=2)
+    async with scorer.batcher.drained():  # hold one request in the queue
+        first = asyncio.create_task(scorer.score(items(2)))
+        while scorer.batcher.queued < 2:
+            await asyncio.sleep(0.01)
+        prepared = []
+        monkeypatch.setattr(scorer, "_prepare_in_turns", lambda *a: prepared.append(a))
+        with pytest.raises(Overloaded):
+            await scorer.score(items(2, seed=1))
+        assert not prepared and scorer.batcher.queued == 2  # refused before preparation
+        monkeypatch.undo()
+    assert all(r.status == "ok" for r in (await first).results)
+    # More trajectories than the whole queue holds: served when nothing waits (it could
+    # never be admitted otherwise; a 429 would repeat forever).
+    assert all(r.status == "ok" for r in (await scorer.score(items(3, seed=2))).results)
 
 
 async def test_a_request_cancelled_while_queued_costs_no_model_time(make_scorer):
