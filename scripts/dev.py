@@ -4,13 +4,16 @@
     python3 scripts/dev.py serve [stepcredit serve flags]   # set up, start the service on SmolLM2
     python3 scripts/dev.py test  [pytest flags]             # set up, run the test suite
 
-Setup is skipped when nothing it depends on changed since the last run.
+Setup is skipped when nothing it depends on changed since the last run. `test` also installs
+Debian's chromium (apt-get, as root or through sudo) when /usr/bin/chromium is missing: the
+browser tests drive it through Playwright, which never downloads a browser of its own.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -21,6 +24,8 @@ VENV = ROOT / ".venv"
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PYTHON = BIN / "python"
 STAMP = VENV / ".stepcredit-setup"
+CHROMIUM = Path("/usr/bin/chromium")
+"""The browser of tests/ui (Debian's package); tests/ui/conftest.py looks for it here."""
 
 # torch goes first and pinned, so pip takes the CPU wheel where one is provided
 # (and never resolves a newer CUDA build through another requirement).
@@ -84,6 +89,33 @@ def setup() -> None:
     _run([str(BIN / "stepcredit"), "prepare-model"])
 
 
+def ensure_chromium() -> None:
+    """Install Debian's chromium for the browser tests when it is missing. When it cannot be
+    installed, say why: those tests then skip and name the reason."""
+    if CHROMIUM.exists():
+        return
+    why = None
+    if shutil.which("apt-get") is None:
+        why = "there is no apt-get on this machine"
+    elif hasattr(os, "geteuid") and os.geteuid() == 0:
+        prefix = []
+    elif shutil.which("sudo"):
+        prefix = ["sudo", "-n"]  # -n: fail rather than wait for a password nobody types
+    else:
+        why = "this is not root and there is no sudo"
+    if why is None:
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        try:
+            for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]):
+                print("+", " ".join([*prefix, *cmd]), flush=True)
+                subprocess.run([*prefix, *cmd], check=True, env=env)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            why = f"apt-get failed: {exc}"
+    if why is not None or not CHROMIUM.exists():
+        reason = why or "apt-get ran but did not install it"
+        print(f"chromium is not installed at {CHROMIUM}: {reason}; the browser tests (tests/ui) will skip", file=sys.stderr)
+
+
 def main() -> int:
     if len(sys.argv) < 2 or sys.argv[1] not in ("serve", "test", "setup"):
         print(__doc__)
@@ -93,6 +125,7 @@ def main() -> int:
     if command == "serve":
         os.execv(str(BIN / "stepcredit"), [str(BIN / "stepcredit"), "serve", *rest])
     if command == "test":
+        ensure_chromium()
         code = subprocess.run([str(PYTHON), "-m", "pytest", *rest], cwd=ROOT).returncode
         if code == 5:
             print("pytest collected no tests: that is a failure here", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""`stepcredit serve | score | prepare-model`.
+"""`stepcredit serve | score | report | prepare-model`.
 
 Flags override `STEPCREDIT_*` environment variables, which override defaults.
 """
@@ -63,7 +63,7 @@ def _serve(args: argparse.Namespace) -> int:
         f"  curl -s {base}/v1/score -H 'Content-Type: application/json'{auth} -d '"
         '{"items": [{"prompt": "What is 2+3?", "completion": "<think>\\n2+3 = 5\\n</think>\\n'
         '<answer>5</answer>", "references": ["5"]}]}\'\n'
-        f"API docs: {base}/docs   metrics: {base}/metrics",
+        f"API docs: {base}/docs   metrics: {base}/metrics   playground: {base}/ui",
         flush=True,
     )
 
@@ -158,6 +158,77 @@ async def _score_file(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report_rows(path: Path, kind: str) -> list[tuple[int, object]]:
+    """(line number, the line's JSON value, or the ValueError that says why it is not JSON)."""
+    rows: list[tuple[int, object]] = []
+    for number, text in _jsonl_lines(path.read_bytes()):
+        try:
+            rows.append((number, json.loads(text)))
+        except ValueError as exc:
+            rows.append((number, ValueError(f"{kind} line {number}: not JSON ({exc})")))
+    return rows
+
+
+def _report_pair(item: tuple[int, object], result: tuple[int, object]) -> tuple[dict, dict]:
+    """One (item, result) for the page: a line that is no JSON object is shown as that
+    completion's error, never dropped (dropping it would pair every later line wrongly)."""
+    (item_line, raw_item), (result_line, raw_result) = item, result
+    problems = []
+    if isinstance(raw_item, ValueError):
+        problems.append(("invalid_item", str(raw_item)))
+    elif not isinstance(raw_item, dict):
+        problems.append(("invalid_item", f"ITEMS line {item_line}: a {type(raw_item).__name__}, not an object"))
+    if isinstance(raw_result, ValueError):
+        problems.append(("invalid_result", str(raw_result)))
+    elif not isinstance(raw_result, dict):
+        problems.append(("invalid_result", f"RESULTS line {result_line}: a {type(raw_result).__name__}, not an object"))
+    page_item = raw_item if isinstance(raw_item, dict) else {}
+    if not problems:
+        return page_item, raw_result
+    if isinstance(raw_result, dict) and raw_result.get("status") == "error" and isinstance(raw_result.get("error"), dict):
+        problems.append((str(raw_result["error"].get("code")), str(raw_result["error"].get("message"))))
+    code = problems[0][0]
+    message = "; ".join(m for _, m in problems)
+    return page_item, {"status": "error", "error": {"code": code, "message": message}}
+
+
+def _report(args: argparse.Namespace) -> int:
+    """Write the step-credit page of ITEMS and RESULTS (paired by line); no model is loaded."""
+    from stepcredit_client.report import MAX_ITEMS, write_report
+
+    try:
+        items = _report_rows(args.items, "ITEMS")
+        results = _report_rows(args.results, "RESULTS")
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"stepcredit: cannot read the input: {exc}", file=sys.stderr)
+        return 1
+    if len(items) != len(results):
+        print(
+            f"stepcredit: {args.items} has {len(items)} items and {args.results} has {len(results)} results; "
+            "they pair line by line, so the counts must match",
+            file=sys.stderr,
+        )
+        return 2
+    limit = args.limit if args.limit is not None else len(items)
+    if limit > MAX_ITEMS:
+        print(f"stepcredit: {limit} items, a page holds at most {MAX_ITEMS}: pass --limit N", file=sys.stderr)
+        return 2
+    pairs = [_report_pair(item, result) for item, result in zip(items[:limit], results[:limit])]
+    meta = {"items": args.items.name, "results": args.results.name}
+    if limit < len(items):
+        meta["shown"] = f"the first {limit} of {len(items)}"
+    try:
+        path = write_report(args.output, [p[0] for p in pairs], [p[1] for p in pairs], title=args.title, meta=meta)
+    except ValueError as exc:
+        print(f"stepcredit: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"stepcredit: cannot write {args.output}: {exc}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
 def _prepare_model(args: argparse.Namespace) -> int:
     from .config import Settings
     from .models import ensure_default_model
@@ -165,6 +236,13 @@ def _prepare_model(args: argparse.Namespace) -> int:
     cache_dir = args.cache_dir or Settings().cache_dir
     print(ensure_default_model(cache_dir))
     return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,6 +262,15 @@ def main(argv: list[str] | None = None) -> int:
     score.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     _model_flags(score)
 
+    report = sub.add_parser(
+        "report", help="write the step-credit page (one self-contained HTML file) of items and their results"
+    )
+    report.add_argument("items", type=Path, help="JSONL of items, as given to `stepcredit score`")
+    report.add_argument("results", type=Path, help="JSONL of results, as `stepcredit score` wrote them (same order)")
+    report.add_argument("-o", "--output", type=Path, required=True, help="the HTML file to write")
+    report.add_argument("--title", default="StepCredit: step credit", help="the page's title")
+    report.add_argument("--limit", type=_positive, help="take only the first N items (a page holds at most 5,000)")
+
     prepare = sub.add_parser("prepare-model", help="convert the embedded default model once and print its folder")
     prepare.add_argument("--cache-dir", type=Path)
 
@@ -193,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(args)
         if args.command == "score":
             return asyncio.run(_score_file(args))
+        if args.command == "report":
+            return _report(args)
         return _prepare_model(args)
     except ValidationError as exc:
         print(f"stepcredit: invalid configuration:\n{exc}", file=sys.stderr)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -94,6 +95,10 @@ def test_train_updates_the_policy_and_the_service_scores_with_it(tmp_path, tiny_
     assert any(not before[k].equal(after[k]) for k in before)
     for name in ("accuracy.png", "rewards.png", "steps.png"):
         assert (out / "plots" / name).stat().st_size > 1000
+    # A step-credit page per evaluation, holding that evaluation's scored completions.
+    for step in (0, 2):
+        page = (out / "reports" / f"eval-step-{step}.html").read_text()
+        assert page.count("chain_sum-eval-2-") >= 2 and "e2e: eval at step" in page
 
 
 @pytest.mark.slow
@@ -114,6 +119,10 @@ def test_items_the_service_fails_are_counted_and_masked_not_rewarded(tmp_path, t
     # stops within 24 tokens); each failed item is counted by the loop and the targets.
     assert record["items_failed"] == record["targets/n_failed"] >= 1
     assert record["targets/n_valid"] == 4 - record["items_failed"]
+    # The eval page shows the items the service refused as errors (greedy eval completions
+    # run past 16 ids too), not as completions with a reward.
+    page = (out / "reports" / "eval-step-1.html").read_text()
+    assert re.search(r'"status":\s*"error"', page) and "limit" in page
     if record["items_failed"] == 4:  # nothing was scored: nothing may be learned
         assert record["reward_outcome"] is None and record["grad_norm"] == 0.0
         before = load_file(tiny_model_path / "model.safetensors")

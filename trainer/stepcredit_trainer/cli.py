@@ -1,4 +1,8 @@
-"""`stepcredit-train --config FILE [--output-dir DIR]`: run the reference trainer."""
+"""`stepcredit-train --config FILE [--output-dir DIR]`: run the reference trainer.
+
+`stepcredit-train validate --config FILE [--output-dir DIR]`: the value-proxy check
+(is the step likelihood ℓ_k a value estimate for this policy and task?).
+"""
 
 from __future__ import annotations
 
@@ -16,7 +20,8 @@ __all__ = ["main"]
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stepcredit-train",
-        description="GRPO with MIG process credit and dual-gated SFT, scored by a running StepCredit service.",
+        description="GRPO with MIG process credit and dual-gated SFT, scored by a running StepCredit service. "
+        "`stepcredit-train validate --config FILE`: the value-proxy check.",
     )
     parser.add_argument("--config", required=True, type=Path, help="TOML config (see trainer/configs/tiny.toml)")
     parser.add_argument("--output-dir", type=Path, help="where metrics, checkpoints and plots go (default: runs/<run.name>)")
@@ -26,7 +31,71 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _validate_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stepcredit-train validate",
+        description="The value-proxy check: Spearman ρ of the step likelihood ℓ_k (and of MIG's gains) against "
+        "Monte-Carlo step values V_k estimated by sampling the policy from every step prefix.",
+    )
+    parser.add_argument("--config", required=True, type=Path, help="TOML config; its [validate] section (trainer/configs/validate.toml)")
+    parser.add_argument("--output-dir", type=Path, help="where figures.json, scatter.png and the pages go (default: runs/<run.name>-validate)")
+    parser.add_argument("--problems", type=int, help="override validate.problems (N)")
+    parser.add_argument("--samples", type=int, help="override validate.samples (M)")
+    parser.add_argument("--seed", type=int, help="override validate.seed")
+    return parser
+
+
+def _quiet_transformers() -> None:
+    # transformers' own bars (loading, writing shards) would tear through the progress bar.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def _validate(argv: list[str]) -> int:
+    args = _validate_parser().parse_args(argv)
+    overrides = {name: getattr(args, name) for name in ("problems", "samples", "seed") if getattr(args, name) is not None}
+    try:
+        config = load_config(args.config, {"validate": overrides} if overrides else None)
+    except ConfigError as exc:
+        print(f"stepcredit-train validate: {exc}", file=sys.stderr)
+        return 2
+    output = args.output_dir or Path("runs") / f"{config.run.name}-validate"
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _quiet_transformers()
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from stepcredit_client import StepCreditError
+
+    from .tasks import TaskError
+    from .validate import ValidateError, markdown_table, validate
+
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()
+    ) as progress:
+        bars: dict[str, int] = {}
+
+        def on_progress(phase: str, done: int, total: int) -> None:
+            if phase not in bars:
+                bars[phase] = progress.add_task(phase, total=total)
+            progress.update(bars[phase], completed=done, total=total)
+
+        try:
+            figures = validate(config, output, on_progress=on_progress)
+        except (ValidateError, TaskError, StepCreditError, FileNotFoundError) as exc:
+            print(f"stepcredit-train validate: {exc}", file=sys.stderr)
+            return 1
+    print(markdown_table(figures))
+    print(f"done: {output} (figures.json, scatter.png, validate.html, chains.html)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["validate"]:
+        return _validate(argv[1:])
     args = _parser().parse_args(argv)
     overrides: dict = {}
     if args.seed is not None:
@@ -40,11 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     output = args.output_dir or Path("runs") / config.run.name
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    # transformers' own bars (loading, writing shards) would tear through the progress bar.
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
+    _quiet_transformers()
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 

@@ -150,9 +150,42 @@ class RunConfig(_Section):
     reload_every: int = Field(10, ge=1, le=10_000_000, description="Live scorer: save and reload every N steps.")
     keep_reload_checkpoints: int = Field(2, ge=1, le=1000, description="Reload checkpoints kept on disk.")
     log_every: int = Field(1, ge=1, le=1_000_000, description="Write metrics every N steps.")
+    report_samples: int = Field(
+        16, ge=0, le=5000, description="Completions of each evaluation shown on its step-credit page "
+        "(reports/eval-step-N.html; the first N of the eval split); 0: no pages."
+    )
+
+
+class ValidateConfig(_Section):
+    """`stepcredit-train validate`: the value-proxy check (is ℓ_k a value estimate?)."""
+
+    problems: int = Field(50, ge=1, le=100_000, description="N: chains to measure (one per problem).")
+    samples: int = Field(8, ge=1, le=1024, description="M: continuations sampled from every step prefix to estimate V_k.")
+    chains: Literal["policy", "dataset"] = Field(
+        "policy", description="`policy`: one sampled rollout of the policy per problem; `dataset`: the task's worked "
+        "solutions (metadata[solution_field]), wrapped in the think/answer format."
+    )
+    solution_field: str = Field("answer_cot", min_length=1, description="chains = dataset: the metadata key of the worked solution.")
+    min_steps: int = Field(
+        2, ge=1, le=64, description="Chains with fewer steps are passed over (a chain needs 3 points, K >= 2, for a within-chain rank)."
+    )
+    attempts: int = Field(
+        4, ge=1, le=100, description="chains = policy: problems tried per wanted chain before giving up (rollouts with "
+        "fewer than min_steps steps, or that the service fails, are passed over)."
+    )
+    seed: int = Field(3, ge=0, description="Seed of the problems' dataset (the default differs from the train and eval splits').")
+    max_new_tokens: int | None = Field(None, ge=1, le=32768, description="Continuation length cap (unset: rollout.max_new_tokens).")
+    temperature: float | None = Field(None, gt=0, le=10, description="Sampling temperature (unset: rollout.temperature).")
+    batch_rows: int = Field(64, ge=1, le=4096, description="Sequences per generate call.")
+    score_batch: int = Field(64, ge=1, le=4096, description="Items per scoring request.")
+    bootstrap: int = Field(1000, ge=100, le=100_000, description="Bootstrap resamples (of chains) for the confidence intervals.")
+    report_chains: int = Field(50, ge=0, le=5000, description="Chains shown on the step-credit page (chains.html).")
 
 
 class TrainConfig(_Section):
+    # `validate` is a BaseModel method's name: the field is `validate_`, read and written as `validate`.
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_by_name=True, serialize_by_alias=True)
+
     service: ServiceConfig = ServiceConfig()
     policy: PolicyConfig = PolicyConfig()
     task: TaskConfig = TaskConfig()
@@ -160,6 +193,7 @@ class TrainConfig(_Section):
     objective: ObjectiveConfig = ObjectiveConfig()
     optim: OptimConfig = OptimConfig()
     run: RunConfig = RunConfig()
+    validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
 
 
 class ConfigError(ValueError):

@@ -8,7 +8,7 @@ at start), so the service reports step ends as indices into those tokens.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from stepcredit_client import Client, ScoreResult
@@ -16,7 +16,7 @@ from stepcredit_client import Client, ScoreResult
 from .rollout import Policy, Rollout
 from .tasks import Problem
 
-__all__ = ["Scored", "evaluate", "mean", "score_rollouts"]
+__all__ = ["PageSample", "Scored", "evaluate", "mean", "score_rollouts"]
 
 
 @dataclass
@@ -59,6 +59,41 @@ def score_rollouts(client: Client, rollouts: Sequence[Rollout], options: dict) -
     return Scored(list(response.results), [response.model.revision or ""])
 
 
+class PageSample:
+    """The first `size` scored rollouts of an evaluation, as the step-credit page's items
+    and results; an item the service did not score is shown as an error, never dropped."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.items: list[dict] = []
+        self.results: list[dict] = []
+        self.revisions: set[str] = set()
+
+    def __call__(self, rollouts: Sequence[Rollout], scored: Scored) -> None:
+        if len(self.items) < self.size:
+            self.revisions.update(scored.revisions)
+        for rollout, result in zip(rollouts, scored.results):
+            if len(self.items) >= self.size:
+                return
+            self.items.append({
+                "id": rollout.problem.id,
+                "prompt": rollout.prompt,
+                "completion": rollout.completion,
+                "references": list(rollout.problem.references),
+            })  # fmt: skip
+            if result is None:
+                message = scored.request_error or "no result arrived for this item"
+                self.results.append({"id": rollout.problem.id, "status": "error",
+                                     "error": {"code": "request_failed", "message": message}})  # fmt: skip
+            else:
+                self.results.append(result.model_dump(mode="json"))
+
+    def write(self, path, **kwargs) -> None:
+        from stepcredit_client.report import write_report
+
+        write_report(path, self.items, self.results, **kwargs)
+
+
 def mean(values: Iterable[float]) -> float:
     """The mean, NaN (never 0) for no values: an empty batch has no accuracy."""
     values = list(values)
@@ -78,6 +113,7 @@ def evaluate(
     temperature: float = 1.0,
     top_p: float = 1.0,
     batch_prompts: int = 16,
+    on_scored: Callable[[Sequence[Rollout], Scored], None] | None = None,
 ) -> dict[str, float]:
     """Accuracy of the policy on `problems`.
 
@@ -85,6 +121,7 @@ def evaluate(
     sampled at `temperature`, `pass@1` (mean fraction correct per prompt, the
     unbiased estimator with n = k·samples) and `pass@{samples}` (prompts with any
     correct sample). Failed items are counted in `eval_errors` and left out.
+    `on_scored` sees every chunk's rollouts and their results (the step-credit page).
     """
     greedy = samples == 1
     correct: list[list[bool]] = []
@@ -102,6 +139,8 @@ def evaluate(
             greedy=greedy,
         )
         scored = score_rollouts(client, rollouts, options)
+        if on_scored is not None:
+            on_scored(rollouts, scored)
         for p in range(len(chunk)):
             group = []
             for r, result in zip(rollouts[p * samples : (p + 1) * samples], scored.results[p * samples : (p + 1) * samples]):

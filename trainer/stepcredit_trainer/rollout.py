@@ -95,7 +95,29 @@ class Policy:
         prefix_ids = self.tokenizer(response_prefix, add_special_tokens=False)["input_ids"] if response_prefix else []
         prompts = [self.render(p, system_prompt) for p in problems]
         prompt_ids = [self.encode_prompt(text) for text in prompts]
-        rows = [ids + prefix_ids for ids in prompt_ids for _ in range(group_size)]
+        starts = [
+            Rollout(problems[i], prompts[i], prompt_ids[i], list(prefix_ids), [], "", False)
+            for i in range(len(problems))
+            for _ in range(group_size)
+        ]
+        return self.continue_from(
+            starts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, greedy=greedy
+        )
+
+    @torch.no_grad()
+    def continue_from(
+        self,
+        starts: Sequence[Rollout],
+        *,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        greedy: bool = False,
+    ) -> list[Rollout]:
+        """Sample on from each start's prompt + forced `prefix_ids` (its `sampled_ids` are
+        ignored): one new rollout per start, in order, the start's prefix forced again.
+        The value-proxy check continues chains from each step boundary this way."""
+        rows = [s.prompt_ids + s.prefix_ids for s in starts]
         width = max(len(r) for r in rows)
         input_ids = torch.tensor([[self.pad_id] * (width - len(r)) + r for r in rows], device=self.device)
         attention = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
@@ -111,16 +133,15 @@ class Policy:
         )
         rollouts = []
         eos = self.tokenizer.eos_token_id
-        for row, generated in enumerate(output[:, width:].tolist()):
-            problem_index = row // group_size
+        for start, generated in zip(starts, output[:, width:].tolist()):
             sampled = generated[: generated.index(eos) + 1] if eos in generated else generated
-            completion_ids = prefix_ids + sampled
+            completion_ids = start.prefix_ids + sampled
             rollouts.append(
                 Rollout(
-                    problem=problems[problem_index],
-                    prompt=prompts[problem_index],
-                    prompt_ids=prompt_ids[problem_index],
-                    prefix_ids=list(prefix_ids),
+                    problem=start.problem,
+                    prompt=start.prompt,
+                    prompt_ids=start.prompt_ids,
+                    prefix_ids=list(start.prefix_ids),
                     sampled_ids=sampled,
                     completion=self.tokenizer.decode(completion_ids, skip_special_tokens=False),
                     truncated=eos not in sampled,

@@ -15,7 +15,7 @@ from fractions import Fraction
 
 from .config import TaskConfig
 
-__all__ = ["Problem", "TaskError", "load_split", "reference_variants"]
+__all__ = ["Problem", "TaskError", "load_problems", "load_split", "reference_variants"]
 
 
 class TaskError(ValueError):
@@ -28,6 +28,8 @@ class Problem:
     question: str
     references: tuple[str, ...]
     """The dataset's answer first, then its equivalent forms."""
+    solution: str | None = None
+    """A worked solution from the dataset's metadata, when one was asked for (validate)."""
 
 
 _INTEGER = re.compile(r"[+-]?\d{1,60}")
@@ -110,8 +112,21 @@ def load_split(task: TaskConfig, split: str) -> list[Problem]:
     return held_out
 
 
+def load_problems(task: TaskConfig, seed: int, size: int, solution_field: str | None = None) -> list[Problem]:
+    """The first `size` distinct questions of the dataset of `seed`; with `solution_field`,
+    each carries the worked solution its metadata holds under that key (an item without one
+    is an error naming the key: the check would otherwise quietly measure fewer chains)."""
+    return _problems(task, "validate", seed, size, 4 * size, set(), solution_field)
+
+
 def _problems(
-    task: TaskConfig, split: str, seed: int, size: int, candidates: int, exclude: set[str] | None = None
+    task: TaskConfig,
+    split: str,
+    seed: int,
+    size: int,
+    candidates: int,
+    exclude: set[str] | None = None,
+    solution_field: str | None = None,
 ) -> list[Problem]:
     """Up to `size` problems from the first `candidates` items of the dataset of `seed`,
     leaving out questions in `exclude` (and repeats, when `exclude` is given)."""
@@ -139,5 +154,15 @@ def _problems(
             if question in exclude:
                 continue
             exclude.add(question)
-        problems.append(Problem(f"{task.name}-{split}-{seed}-{index}", question, reference_variants(answer)))
+        solution = None
+        if solution_field is not None:
+            solution = (entry.get("metadata") or {}).get(solution_field)
+            if not isinstance(solution, str) or not solution.strip():
+                raise TaskError(
+                    f"task {task.name!r} item {index} has no worked solution under metadata[{solution_field!r}]: "
+                    "use validate.chains = 'policy', or a task whose items carry one (gsm_symbolic: answer_cot)"
+                )
+        problems.append(
+            Problem(f"{task.name}-{split}-{seed}-{index}", question, reference_variants(answer), solution)
+        )
     return problems

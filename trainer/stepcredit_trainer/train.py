@@ -9,7 +9,8 @@
         6. log; 7. evaluate; 8. save and (live scorer) reload the service
 
 Outputs under the run directory: config.json, run.json (service model and the
-revisions that scored each step), metrics.jsonl, eval.jsonl, checkpoints/,
+revisions that scored each step), metrics.jsonl, eval.jsonl, checkpoints/, reports/
+(a step-credit page of each evaluation's first `run.report_samples` completions),
 plots/ (after the run) and TensorBoard events when tensorboard is installed.
 """
 
@@ -30,7 +31,7 @@ from stepcredit_client import Client, ClientConfig, RewardWeights, token_rewards
 from stepcredit_client import StepCreditError
 
 from .config import TrainConfig
-from .evaluate import evaluate, mean, score_rollouts
+from .evaluate import PageSample, evaluate, mean, score_rollouts
 from .objective import LossWeights, build_targets, total_loss
 from .rollout import Policy, load_policy, resolve_policy_path
 from .tasks import load_split
@@ -171,9 +172,14 @@ def train(
     (out / "run.json").write_text(json.dumps(run, indent=2, default=str))
 
     def run_eval(step: int, generated: int) -> dict:
-        result = evaluate(policy, client, eval_split, options=options, **sampling)
+        page = PageSample(config.run.report_samples)
+        result = evaluate(policy, client, eval_split, options=options, on_scored=page, **sampling)
         record = {"step": step, "generated_tokens": generated, **result}
         log.write(record, "eval")
+        if page.items:
+            meta = {"run": config.run.name, "step": step, "scored by": ", ".join(sorted(page.revisions)) or None,
+                    "eval accuracy": result.get("eval_accuracy")}  # fmt: skip
+            page.write(out / "reports" / f"eval-step-{step}.html", title=f"{config.run.name}: eval at step {step}", meta=meta)
         return record
 
     generated_tokens = 0

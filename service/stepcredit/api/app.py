@@ -24,11 +24,13 @@ from typing import Literal, TypeVar
 
 from fastapi import Depends, FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from stepcredit_client.report import playground_csp, render_playground
 
 from ..backends import BackendDeadError, build_backend
 from ..checkpoints import ReloadError
@@ -52,7 +54,7 @@ from ..protocol import (
 from .compat import register_compat_routes
 from .drain import RETRY_AFTER_S, Drain, DrainExpired
 from .errors import SHUTTING_DOWN, error, error_responses
-from .guard import Guard, token_ok
+from .guard import BASIC_CHALLENGE, Guard, token_ok
 from .metrics import Metrics
 
 __all__ = ["create_app"]
@@ -74,6 +76,9 @@ OPEN_ROUTES = ("/health", "/ready")
 /ready gives its details (model, error) only with the key."""
 WORK_ROUTES = ("/v1/score", "/v1/admin/reload", "/get_reward", "/slime/reward")
 """Refused while draining; the drain waits for those accepted before."""
+PAGE_ROUTES = ("/ui",)
+"""Opened by a browser, which cannot send a bearer header when it navigates: with an API key
+set, they answer 401 with a Basic challenge, and the key is the password."""
 
 CLOSE_BOUND_S = 5.0
 """Longest the scorer may take to close at shutdown. A backend call running in a worker
@@ -205,6 +210,9 @@ def create_app(
 
     @app.exception_handler(_Unauthorized)
     async def _unauthorized(request: Request, exc: _Unauthorized) -> JSONResponse:
+        if request.url.path in PAGE_ROUTES:
+            message = "sign in with the API key as the password (any user name)"
+            return error(401, "unauthorized", message, headers={"WWW-Authenticate": BASIC_CHALLENGE})
         return error(401, "unauthorized", "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
     @app.exception_handler(_ClientGone)
@@ -374,6 +382,23 @@ def create_app(
         """Prometheus text exposition (behind the API key when one is set)."""
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    ui_page = render_playground(max_items_per_request=limits.max_items_per_request)  # constant: built once
+
+    @app.get("/ui", response_class=HTMLResponse, include_in_schema=False)
+    async def playground(request: Request) -> Response:
+        """The playground: paste, upload or load the example items, score them through
+        /v1/score and see the step-credit page (the report's renderer)."""
+        if not token_ok(request.headers.get("authorization"), settings.api_key):  # the Guard checked already
+            raise _Unauthorized()
+        headers = {
+            "Content-Security-Policy": playground_csp(),
+            "Cache-Control": "no-store",
+            "X-Content-Type-Options": "nosniff",
+            "Referrer-Policy": "no-referrer",
+            "X-Frame-Options": "DENY",
+        }
+        return HTMLResponse(ui_page, headers=headers)
+
     register_compat_routes(app, ready_scorer, score_items, protected, limits)
     app.add_middleware(
         Guard,
@@ -383,6 +408,7 @@ def create_app(
         api_key=settings.api_key,
         open_routes=OPEN_ROUTES,
         work_routes=WORK_ROUTES,
+        page_routes=PAGE_ROUTES,
         max_bytes=limits.max_request_bytes,
         body_timeout_s=settings.body_timeout_s,
     )

@@ -3,8 +3,10 @@
 In order:
 1. it names the request's route template for the metrics (`/v1/score`; every unknown
    path shares `unmatched`, so random URLs cannot grow `/metrics`);
-2. with an API key set, every path but the open ones needs the bearer token: 401
-   before the body is read (a client cannot hold the server on a body it never sends);
+2. with an API key set, every path but the open ones needs the key, as a bearer token or
+   as the password of HTTP Basic (what a browser sends): 401 before the body is read (a
+   client cannot hold the server on a body it never sends). The browser pages (/ui) answer
+   it with a Basic challenge, so the browser asks for the key; the API keeps its Bearer one;
 3. while draining, new work (scoring, reload) gets 503 `draining` with Retry-After;
 4. the body is read under the byte limit (413) and the body timeout (408), then
    replayed to the app.
@@ -16,6 +18,8 @@ the body would otherwise be taken for the next request.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import secrets
 from collections.abc import Collection
 
@@ -26,7 +30,7 @@ from .drain import RETRY_AFTER_S, Drain
 from .errors import error
 from .metrics import Metrics
 
-__all__ = ["Guard", "token_ok", "UNMATCHED"]
+__all__ = ["BASIC_CHALLENGE", "Guard", "token_ok", "UNMATCHED"]
 
 UNMATCHED = "unmatched"
 """The route label of every path no route serves."""
@@ -34,14 +38,26 @@ UNMATCHED = "unmatched"
 _CLOSE = {"Connection": "close"}
 
 
+BASIC_CHALLENGE = 'Basic realm="StepCredit"'
+"""The 401 challenge of the browser pages: a browser cannot send a bearer header when it
+navigates, but it asks for a user and password on this and sends them with every later
+request to the service, the page's own fetches included."""
+
+
 def token_ok(authorization: str | None, api_key: SecretStr | None) -> bool:
-    """True when no key is set or `authorization` is `Bearer <key>` (constant-time compare)."""
+    """True when no key is set, or `authorization` is `Bearer <key>` or `Basic
+    base64(<any user>:<key>)` (constant-time compare either way)."""
     if api_key is None:
         return True
     scheme, _, token = (authorization or "").partition(" ")
-    return scheme.lower() == "bearer" and secrets.compare_digest(
-        token.encode(), api_key.get_secret_value().encode()
-    )
+    scheme, token = scheme.lower(), token.strip()
+    if scheme == "basic":
+        try:  # RFC 7617: the password is what follows the first colon; any user
+            _, colon, password = base64.b64decode(token, validate=True).decode("utf-8").partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            return False
+        return bool(colon) and secrets.compare_digest(password.encode(), api_key.get_secret_value().encode())
+    return scheme == "bearer" and secrets.compare_digest(token.encode(), api_key.get_secret_value().encode())
 
 
 class Guard:
@@ -55,11 +71,13 @@ class Guard:
         api_key: SecretStr | None,
         open_routes: Collection[str],
         work_routes: Collection[str],
+        page_routes: Collection[str] = (),
         max_bytes: int,
         body_timeout_s: float,
     ) -> None:
         self.app, self.router, self.metrics, self.drain = app, router, metrics, drain
         self.api_key, self.open_routes, self.work_routes = api_key, frozenset(open_routes), frozenset(work_routes)
+        self.page_routes = frozenset(page_routes)
         self.max_bytes, self.body_timeout_s = max_bytes, body_timeout_s
 
     def route_of(self, scope) -> str:
@@ -100,7 +118,10 @@ class Guard:
             authorization = headers.get(b"authorization", b"").decode("latin-1")
             if not token_ok(authorization, self.api_key):
                 message = "missing or wrong bearer token"
-                response = error(401, "unauthorized", message, headers={"WWW-Authenticate": "Bearer", **_CLOSE})
+                challenge = "Bearer"
+                if route in self.page_routes:
+                    message, challenge = "sign in with the API key as the password (any user name)", BASIC_CHALLENGE
+                response = error(401, "unauthorized", message, headers={"WWW-Authenticate": challenge, **_CLOSE})
                 return await response(scope, receive, send)
         if route in self.work_routes and self.drain.draining:
             response = error(
