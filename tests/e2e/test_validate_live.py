@@ -88,6 +88,12 @@ def test_dataset_chains_estimate_every_prefix_and_leave_refused_continuations_ou
         assert (out / name).stat().st_size > 500, name
     page = (out / "validate.html").read_text()
     assert "data:image/png;base64," in page and "http://" not in page and "https://" not in page
+    # --reanalyze recomputes the same statistics from chains.jsonl, without a service.
+    again = subprocess.run([str(BIN / "stepcredit-train"), "validate", "--reanalyze", str(out)],
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    refigured = json.loads((out / "figures.json").read_text())
+    assert refigured["value"] == figures["value"] and refigured["credit"] == figures["credit"]
 
 
 @pytest.mark.slow
@@ -102,6 +108,12 @@ def test_policy_chains_are_sampled_scored_and_continued(tmp_path, served, tiny_m
     assert all(c["verdicts"] == [2] * len(c["values"]) for c in chains)
     items = [json.loads(line) for line in (out / "chain_items.jsonl").read_text().splitlines()]
     assert [i["completion"].startswith("<think>\n") for i in items] == [True, True]
+
+
+def test_reanalyze_of_a_folder_without_a_run_says_so(tmp_path):
+    done = subprocess.run([str(BIN / "stepcredit-train"), "validate", "--reanalyze", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 1 and "holds no finished validate run" in done.stderr
 
 
 def test_a_config_error_is_reported_by_field_before_anything_loads(tmp_path):

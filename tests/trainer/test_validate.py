@@ -41,13 +41,13 @@ def test_a_likelihood_that_orders_values_perfectly_has_rho_one_with_a_tight_inte
     def value(ell):  # any increasing function of ℓ: the ranks agree exactly
         return 1 / (1 + math.exp(-ell))
 
-    logliks = [[-3.0 + i / 7, -2.0 + i / 7, -1.0 + i / 7, -0.5 + i / 7] for i in range(4)]
+    logliks = [[-3.0 + i / 7, -2.0 + i / 7, -1.0 + i / 7, -0.5 + i / 7] for i in range(6)]
     chains = [chain(ell, [value(x) for x in ell], f"c{i}") for i, ell in enumerate(logliks)]
     figures = analyze(chains, rounds=200)
     ell = figures["value"]["likelihood"]
     assert ell["pooled"]["rho"] == pytest.approx(1.0)
-    assert ell["pooled"]["points"] == 16
-    assert ell["within"] == {"rho": pytest.approx(1.0), "ci95": [pytest.approx(1.0), pytest.approx(1.0)], "chains": 4}
+    assert ell["pooled"]["points"] == 24
+    assert ell["within"] == {"rho": pytest.approx(1.0), "ci95": [pytest.approx(1.0), pytest.approx(1.0)], "chains": 6}
     # ℓ_K is one number per chain: it cannot rank a chain's steps (undefined, never 0).
     assert figures["value"]["final_only"]["within"]["rho"] is None
     assert figures["value"]["final_only"]["within"]["chains"] == 0
@@ -56,7 +56,7 @@ def test_a_likelihood_that_orders_values_perfectly_has_rho_one_with_a_tight_inte
 def test_an_anti_ordered_valuation_is_negative_and_the_interval_contains_the_estimate():
     chains = [chain([-1.0, -2.0, -3.0], [0.1, 0.5, 0.9], "a"), chain([-0.5, -1.5, -2.0], [0.0, 0.3, 0.7], "b"),
               chain([-2.0, -2.5, -4.0], [0.2, 0.4, 1.0], "c")]  # fmt: skip
-    figures = analyze(chains, rounds=300, seed=1)
+    figures = analyze(chains * 2, rounds=300, seed=1)
     within = figures["value"]["likelihood"]["within"]
     assert within["rho"] == pytest.approx(-1.0)
     pooled = figures["value"]["likelihood"]["pooled"]
@@ -65,6 +65,18 @@ def test_an_anti_ordered_valuation_is_negative_and_the_interval_contains_the_est
     assert low <= pooled["rho"] <= high
     # position k/K rises with V in every chain
     assert figures["value"]["position"]["within"]["rho"] == pytest.approx(1.0)
+
+
+def test_too_few_chains_get_an_estimate_but_no_interval():
+    """Resampling one ranked chain yields the same ρ every time: an interval of width 0
+    would read as certainty. Under 5 chains there is none, and the table says so."""
+    ranked = chain([-2.0, -1.0, -0.5, -0.2], [0.1, 0.3, 0.2, 0.8], "ranked")
+    others = [chain([-2.0, -1.0 - 0.1 * i], [0.1 * i, 0.2], str(i)) for i in range(6)]  # K = 1: 1 ΔV point
+    figures = analyze([ranked, *others], rounds=200)
+    credit = figures["credit"]["plain_delta"]["within"]
+    assert credit["chains"] == 1 and credit["rho"] is not None and credit["ci95"] is None
+    assert figures["value"]["likelihood"]["pooled"]["ci95"] is not None  # 7 chains behind it
+    assert "[no interval] (1 chains)" in markdown_table(figures)
 
 
 def test_a_prefix_without_a_verdict_is_left_out_not_read_as_zero():

@@ -37,7 +37,11 @@ def _validate_parser() -> argparse.ArgumentParser:
         description="The value-proxy check: Spearman ρ of the step likelihood ℓ_k (and of MIG's gains) against "
         "Monte-Carlo step values V_k estimated by sampling the policy from every step prefix.",
     )
-    parser.add_argument("--config", required=True, type=Path, help="TOML config; its [validate] section (trainer/configs/validate.toml)")
+    parser.add_argument("--config", type=Path, help="TOML config; its [validate] section (trainer/configs/validate.toml)")
+    parser.add_argument(
+        "--reanalyze", type=Path, metavar="DIR",
+        help="recompute the statistics of a finished run in DIR from its chains.jsonl (no sampling, no service)",
+    )
     parser.add_argument("--output-dir", type=Path, help="where figures.json, scatter.png and the pages go (default: runs/<run.name>-validate)")
     parser.add_argument("--problems", type=int, help="override validate.problems (N)")
     parser.add_argument("--samples", type=int, help="override validate.samples (M)")
@@ -54,7 +58,20 @@ def _quiet_transformers() -> None:
 
 
 def _validate(argv: list[str]) -> int:
-    args = _validate_parser().parse_args(argv)
+    parser = _validate_parser()
+    args = parser.parse_args(argv)
+    if args.reanalyze is not None:
+        from .validate import ValidateError, markdown_table, reanalyze
+
+        try:
+            figures = reanalyze(args.reanalyze)
+        except ValidateError as exc:
+            print(f"stepcredit-train validate: {exc}", file=sys.stderr)
+            return 1
+        print(markdown_table(figures))
+        return 0
+    if args.config is None:
+        parser.error("--config is required (or --reanalyze DIR)")
     overrides = {name: getattr(args, name) for name in ("problems", "samples", "seed") if getattr(args, name) is not None}
     try:
         config = load_config(args.config, {"validate": overrides} if overrides else None)

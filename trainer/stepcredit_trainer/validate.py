@@ -44,6 +44,7 @@ __all__ = [
     "ValidateError",
     "analyze",
     "credits",
+    "reanalyze",
     "valuations",
     "validate",
 ]
@@ -141,11 +142,16 @@ def _pairs(estimates: Sequence[float], targets: Sequence[float | None]) -> tuple
     return [e for e, _ in kept], [t for _, t in kept]
 
 
-def _interval(samples: list[float]) -> list[float] | None:
+MIN_CHAINS_FOR_INTERVAL = 5
+"""Fewer chains than this behind an estimate: no interval. Resampling one or two chains
+gives a spread of (nearly) zero, which would read as certainty."""
+
+
+def _interval(samples: list[float], chains: int) -> list[float] | None:
     """The 2.5th and 97.5th percentiles of the bootstrap replicates that are defined;
-    None when fewer than half are (too few chains to say)."""
+    None when fewer than half are, or too few chains stand behind the estimate."""
     defined = [s for s in samples if not math.isnan(s)]
-    if len(defined) < len(samples) / 2:
+    if chains < MIN_CHAINS_FOR_INTERVAL or len(defined) < len(samples) / 2:
         return None
     return [float(np.percentile(defined, 2.5)), float(np.percentile(defined, 97.5))]
 
@@ -178,16 +184,17 @@ def _correlate(series: list[tuple[list[float], list[float]]], rounds: int, rng: 
     def rounded(ci):
         return None if ci is None else [round(ci[0], 4), round(ci[1], 4)]
 
+    ranked = sum(not math.isnan(r) for r in per_chain)
     return {
         "pooled": {
             "rho": clean(pooled(everything)),
-            "ci95": rounded(_interval(boot_pooled)),
+            "ci95": rounded(_interval(boot_pooled, sum(bool(x) for x, _ in series))),
             "points": sum(len(x) for x, _ in series),
         },
         "within": {
             "rho": clean(within(everything)),
-            "ci95": rounded(_interval(boot_within)),
-            "chains": sum(not math.isnan(r) for r in per_chain),
+            "ci95": rounded(_interval(boot_within, ranked)),
+            "chains": ranked,
         },
     }
 
@@ -389,6 +396,24 @@ def validate(config: TrainConfig, output_dir: str | Path, *, client=None, on_pro
             client.close()
 
 
+def reanalyze(folder: str | Path) -> dict:
+    """The statistics again from a finished run's chains.jsonl (no sampling, no service):
+    figures.json, scatter.png and validate.html are rewritten; the sampled values stay."""
+    out = Path(folder)
+    try:
+        figures = json.loads((out / "figures.json").read_text(encoding="utf-8"))
+        lines = (out / "chains.jsonl").read_text(encoding="utf-8").splitlines()
+        data = [ChainData(**json.loads(line)) for line in lines if line.strip()]
+    except (OSError, ValueError, TypeError) as exc:
+        raise ValidateError(f"{out} holds no finished validate run: {exc}") from None
+    settings = figures.get("settings", {})
+    figures.update(analyze(data, rounds=settings.get("bootstrap", 1000), seed=settings.get("seed", 0)))
+    (out / "figures.json").write_text(json.dumps(figures, indent=2, ensure_ascii=False))
+    _scatter(data, figures, out / "scatter.png")
+    _page(figures, data, out)
+    return figures
+
+
 def _summary(data, settings, config, errors, continuations, tried, passed_over) -> dict:
     starts = [c.values[0] for c in data if c.values[0] is not None]
     ends = [c.values[-1] for c in data if c.values[-1] is not None]
@@ -415,10 +440,13 @@ def _summary(data, settings, config, errors, continuations, tried, passed_over) 
 
 
 def _cell(entry: dict) -> str:
+    """ρ [95% interval], and for within-chain figures the chains that could be ranked."""
+    count = f" ({entry['chains']} chains)" if "chains" in entry else ""
     if entry["rho"] is None:
-        return "n/a"
+        return "n/a" + count
     ci = entry["ci95"]
-    return f"{entry['rho']:+.3f} [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else f"{entry['rho']:+.3f}"
+    text = f"{entry['rho']:+.3f} [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else f"{entry['rho']:+.3f} [no interval]"
+    return text + count
 
 
 def table_rows(figures: dict) -> list[list[str]]:
