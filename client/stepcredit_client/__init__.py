@@ -123,4 +123,4 @@ __all__ = [
     "ItemFailedError",
     "AlignmentError",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

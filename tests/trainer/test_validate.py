@@ -128,3 +128,56 @@ def test_dataset_chains_from_a_task_without_worked_solutions_are_refused_by_name
     gsm = task.model_copy(update={"name": "gsm_symbolic", "params": {}})
     (problem,) = load_problems(gsm, 3, 1, "answer_cot")
     assert problem.solution and problem.references[0] in problem.solution
+
+
+def test_a_continuation_without_a_verdict_is_counted_apart_never_as_wrong():
+    """A verification time-out or a failed item has no verdict: reading it as a wrong answer
+    would lower V_k wherever verification is slow or continuations run long."""
+    from stepcredit_client import ScoreResult
+
+    from stepcredit_trainer.validate import count_verdict
+
+    counts = [0, 0, 0, 0]
+    right = ScoreResult(status="ok", correct=True, verify_timeout=False)
+    wrong = ScoreResult(status="ok", correct=False, verify_timeout=False)
+    timed_out = ScoreResult(status="ok", correct=False, verify_timeout=True)
+    failed = ScoreResult(status="error", error={"code": "limit_exceeded", "message": "too long"})
+    verdicts = [count_verdict(counts, r, t) for r, t in ((right, False), (wrong, True), (timed_out, False), (failed, False), (None, False))]
+    assert verdicts == [True, True, False, False, False]
+    assert counts == [1, 2, 3, 1]  # correct, verdicts, unverified, cut off at the token cap
+
+
+def test_paired_bootstrap_gives_the_difference_to_position_an_interval():
+    def value(ell):
+        return 1 / (1 + math.exp(-ell))
+
+    # ℓ orders the values; position does not (values fall along these chains).
+    logliks = [[-0.5 + i / 9, -1.0 + i / 9, -2.0 + i / 9, -3.0 + i / 9] for i in range(8)]
+    figures = analyze([chain(ell, [value(x) for x in ell], str(i)) for i, ell in enumerate(logliks)], rounds=300)
+    difference = figures["comparisons"]["likelihood_minus_position"]
+    expected = figures["value"]["likelihood"]["within"]["rho"] - figures["value"]["position"]["within"]["rho"]
+    assert difference["within"]["difference"] == pytest.approx(expected) == pytest.approx(2.0)
+    low, high = difference["pooled"]["ci95"]
+    assert 0 < low <= difference["pooled"]["difference"] <= high
+    assert "ρ(ℓ_k, V_k) − ρ(k/K, V_k): pooled +" in markdown_table(figures)
+
+
+def test_reanalyze_refuses_chains_of_the_wrong_shape(tmp_path):
+    import json
+
+    from stepcredit_trainer.validate import ValidateError, reanalyze
+
+    good = chain([-2.0, -1.0, -0.5], [0.1, 0.2, 0.4])
+    (tmp_path / "figures.json").write_text(json.dumps({"settings": {"bootstrap": 100}}))
+    bad = {**good.__dict__, "values": [0.1, 0.2]}
+    (tmp_path / "chains.jsonl").write_text(json.dumps(bad) + "\n")
+    with pytest.raises(ValidateError, match="values has 2 entries, not K \\+ 1 = 3"):
+        reanalyze(tmp_path)
+    (tmp_path / "chains.jsonl").write_text(json.dumps({**good.__dict__, "gains": [], "loglik": [-1.0],
+                                                       "watermark": [-1.0], "values": [0.5]}) + "\n")  # fmt: skip
+    with pytest.raises(ValidateError, match="no steps"):
+        reanalyze(tmp_path)
+    (tmp_path / "figures.json").write_text(json.dumps({"settings": {"bootstrap": 1}}))
+    (tmp_path / "chains.jsonl").write_text(json.dumps(good.__dict__) + "\n")
+    with pytest.raises(ValidateError, match="bootstrap"):
+        reanalyze(tmp_path)

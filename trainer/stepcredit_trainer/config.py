@@ -167,7 +167,8 @@ class ValidateConfig(_Section):
     )
     solution_field: str = Field("answer_cot", min_length=1, description="chains = dataset: the metadata key of the worked solution.")
     min_steps: int = Field(
-        2, ge=1, le=64, description="Chains with fewer steps are passed over (a chain needs 3 points, K >= 2, for a within-chain rank)."
+        2, ge=1, le=64, description="Chains with fewer steps are passed over. A within-chain rank needs 3 points: "
+        "K >= 2 for the valuations (K + 1 prefixes), K >= 3 for the step credits (K steps)."
     )
     attempts: int = Field(
         4, ge=1, le=100, description="chains = policy: problems tried per wanted chain before giving up (rollouts with "
@@ -178,6 +179,10 @@ class ValidateConfig(_Section):
     temperature: float | None = Field(None, gt=0, le=10, description="Sampling temperature (unset: rollout.temperature).")
     batch_rows: int = Field(64, ge=1, le=4096, description="Sequences per generate call.")
     score_batch: int = Field(64, ge=1, le=4096, description="Items per scoring request.")
+    max_without_verdict: float = Field(
+        0.1, ge=0, le=1, description="Fail (after writing the files) when more than this share of continuations got no "
+        "verdict (service errors, verification time-outs): V_k would rest on the rest."
+    )
     bootstrap: int = Field(1000, ge=100, le=100_000, description="Bootstrap resamples (of chains) for the confidence intervals.")
     report_chains: int = Field(50, ge=0, le=5000, description="Chains shown on the step-credit page (chains.html).")
 

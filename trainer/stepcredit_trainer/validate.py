@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import TrainConfig
+from .config import TrainConfig, ValidateConfig
 from .evaluate import score_rollouts
 from .rollout import Policy, Rollout
 from .tasks import Problem
@@ -89,7 +89,28 @@ class ChainData:
     verdicts: list[int] = field(default_factory=list)
     """Continuations with a verdict, per prefix (the n behind each V_k)."""
     correct: bool | None = None
-    """The chain's own verdict."""
+    """The chain's own verdict (None: its verification timed out)."""
+    unverified: list[int] = field(default_factory=list)
+    """Continuations without a verdict, per prefix: the service failed the item, or its
+    verification timed out. Left out of V_k, never counted as wrong."""
+    truncated: list[int] = field(default_factory=list)
+    """Continuations with a verdict that stopped at the token cap, per prefix: they are in
+    V_k as what they are (no answer within the budget), and counted, because a cap too
+    short for early prefixes lowers their V_k whatever the state is worth."""
+
+    def check(self) -> None:
+        """Shapes a reader of chains.jsonl relies on; ValueError naming what is off."""
+        steps = len(self.gains)
+        if steps < 1:
+            raise ValueError(f"chain {self.id!r}: no steps")
+        for name in ("loglik", "watermark", "values"):
+            if len(getattr(self, name)) != steps + 1:
+                raise ValueError(f"chain {self.id!r}: {name} has {len(getattr(self, name))} entries, not K + 1 = {steps + 1}")
+        for name in ("verdicts", "unverified", "truncated"):
+            if getattr(self, name) and len(getattr(self, name)) != steps + 1:
+                raise ValueError(f"chain {self.id!r}: {name} has {len(getattr(self, name))} entries, not K + 1 = {steps + 1}")
+        if any(v is not None and not 0 <= v <= 1 for v in self.values):
+            raise ValueError(f"chain {self.id!r}: a value outside [0, 1]")
 
 
 def valuations(chain: ChainData) -> dict[str, list[float]]:
@@ -156,10 +177,12 @@ def _interval(samples: list[float], chains: int) -> list[float] | None:
     return [float(np.percentile(defined, 2.5)), float(np.percentile(defined, 97.5))]
 
 
-def _correlate(series: list[tuple[list[float], list[float]]], rounds: int, rng: np.random.Generator) -> dict:
+def _correlate(series: list[tuple[list[float], list[float]]], draws: Sequence[np.ndarray]) -> tuple[dict, dict]:
     """Pooled and within-chain ρ of one estimator over chains [(estimates, targets)], each
     with a percentile interval from resampling whole chains (points of one chain are not
-    independent: a chain's steps share its problem and its text)."""
+    independent: a chain's steps share its problem and its text). Every estimator is
+    resampled with the same `draws`, so differences between them have intervals too.
+    Returns the figures and the replicates."""
     per_chain = [_spearman(x, y) for x, y in series]
 
     def pooled(indices) -> float:
@@ -172,11 +195,8 @@ def _correlate(series: list[tuple[list[float], list[float]]], rounds: int, rng: 
         return float(np.mean(defined)) if defined else math.nan
 
     everything = range(len(series))
-    boot_pooled, boot_within = [], []
-    for _ in range(rounds if series else 0):
-        draw = rng.integers(0, len(series), len(series))
-        boot_pooled.append(pooled(draw))
-        boot_within.append(within(draw))
+    boot_pooled = [pooled(draw) for draw in draws]
+    boot_within = [within(draw) for draw in draws]
 
     def clean(value: float) -> float | None:
         return None if math.isnan(value) else round(value, 4)
@@ -185,7 +205,7 @@ def _correlate(series: list[tuple[list[float], list[float]]], rounds: int, rng: 
         return None if ci is None else [round(ci[0], 4), round(ci[1], 4)]
 
     ranked = sum(not math.isnan(r) for r in per_chain)
-    return {
+    figures = {
         "pooled": {
             "rho": clean(pooled(everything)),
             "ci95": rounded(_interval(boot_pooled, sum(bool(x) for x, _ in series))),
@@ -197,11 +217,36 @@ def _correlate(series: list[tuple[list[float], list[float]]], rounds: int, rng: 
             "chains": ranked,
         },
     }
+    point = {"pooled": pooled(everything), "within": within(everything)}
+    return figures, {"point": point, "pooled": boot_pooled, "within": boot_within, "chains": len(series)}
+
+
+def _difference(a: dict, b: dict) -> dict:
+    """ρ of estimator a minus ρ of estimator b, pooled and within, with the interval of the
+    paired replicates (the same resampled chains for both)."""
+    out = {}
+    for kind in ("pooled", "within"):
+        point = a["point"][kind] - b["point"][kind]
+        pairs = [x - y for x, y in zip(a[kind], b[kind])]
+        ci = _interval(pairs, a["chains"])
+        out[kind] = {
+            "difference": None if math.isnan(point) else round(point, 4),
+            "ci95": None if ci is None or math.isnan(point) else [round(ci[0], 4), round(ci[1], 4)],
+        }
+    return out
+
+
+COMPARISONS = {
+    "likelihood_minus_position": ("value", "likelihood", "position"),
+    "mig_gain_minus_position": ("credit", "mig_gain", "position"),
+}
+"""The paper's question: does the content-aware signal beat position? (group, a, b): ρ_a − ρ_b."""
 
 
 def analyze(chains: Sequence[ChainData], *, rounds: int = 1000, seed: int = 0) -> dict:
     """Every valuation against V_k and every credit against ΔV_k (see the module doc)."""
     rng = np.random.default_rng(seed)
+    draws = [rng.integers(0, len(chains), len(chains)) for _ in range(rounds if chains else 0)]
     value_series = {name: [] for name in VALUATIONS}
     credit_series = {name: [] for name in CREDITS}
     for chain in chains:
@@ -209,10 +254,15 @@ def analyze(chains: Sequence[ChainData], *, rounds: int = 1000, seed: int = 0) -
             value_series[name].append(_pairs(estimates, chain.values))
         for name, estimates in credits(chain).items():
             credit_series[name].append(_pairs(estimates, _deltas(chain.values)))
-    return {
-        "value": {name: _correlate(s, rounds, rng) for name, s in value_series.items()},
-        "credit": {name: _correlate(s, rounds, rng) for name, s in credit_series.items()},
+    results = {
+        "value": {name: _correlate(s, draws) for name, s in value_series.items()},
+        "credit": {name: _correlate(s, draws) for name, s in credit_series.items()},
     }
+    figures = {group: {name: r[0] for name, r in entries.items()} for group, entries in results.items()}
+    figures["comparisons"] = {
+        name: _difference(results[group][a][1], results[group][b][1]) for name, (group, a, b) in COMPARISONS.items()
+    }
+    return figures
 
 
 # --- sampling and scoring -------------------------------------------------------------
@@ -250,8 +300,21 @@ def _chain_data(rollout: Rollout, result) -> ChainData:
         watermark=[result.baseline_loglik] + [s.watermark for s in result.steps],
         gains=[s.gain for s in result.steps],
         values=[],
-        correct=bool(result.correct),
+        correct=None if result.verify_timeout else bool(result.correct),
     )
+
+
+def count_verdict(counts: list[int], result, truncated: bool) -> bool:
+    """Add one continuation's outcome to its prefix's [correct, verdicts, unverified,
+    truncated]; False when it has no verdict (the service failed the item, no result
+    arrived, or verification timed out): it leaves V_k, it is never a wrong answer."""
+    if result is None or result.status != "ok" or result.verify_timeout:
+        counts[2] += 1
+        return False
+    counts[0] += bool(result.correct)
+    counts[1] += 1
+    counts[3] += bool(truncated)
+    return True
 
 
 def _chunks(seq: Sequence, size: int):
@@ -305,6 +368,7 @@ def validate(config: TrainConfig, output_dir: str | Path, *, client=None, on_pro
         chains: list[tuple[Rollout, object]] = []
         passed_over = {"too_few_steps": 0, "service_error": 0}
         tried = 0
+        revisions: set[str] = set()
         progress("chains", 0, wanted)
         position = 0
         while len(chains) < wanted and position < len(problems):
@@ -322,6 +386,7 @@ def validate(config: TrainConfig, output_dir: str | Path, *, client=None, on_pro
             scored = score_rollouts(client, rollouts, options)
             if scored.request_error and all(r is None for r in scored.results):
                 raise ValidateError(f"the service could not score the chains: {scored.request_error}")
+            revisions.update(scored.revisions)
             for rollout, result in zip(rollouts, scored.results):
                 tried += 1
                 if result is None or result.status != "ok":
@@ -337,6 +402,12 @@ def validate(config: TrainConfig, output_dir: str | Path, *, client=None, on_pro
                 "validate.attempts or rollout.max_new_tokens, or use validate.chains = 'dataset'"
             )
 
+        if len(revisions) > 1:  # ℓ_k of two models' weights are not one valuation
+            raise ValidateError(
+                f"the service's weights changed while the chains were scored ({sorted(revisions)}): "
+                "run the check while nothing reloads the service"
+            )
+
         # 2. M continuations from every step boundary, verified by the service
         starts: list[tuple[int, int, Rollout]] = []
         data = []
@@ -347,7 +418,7 @@ def validate(config: TrainConfig, output_dir: str | Path, *, client=None, on_pro
             for k, end in enumerate(_boundaries(result)):
                 start = Rollout(rollout.problem, rollout.prompt, rollout.prompt_ids, ids[:end], [], "", False)
                 starts.extend((c, k, start) for _ in range(settings.samples))
-        tally = {(c, k): [0, 0] for c, k, _ in starts}  # (correct, verdicts)
+        tally = {(c, k): [0, 0, 0, 0] for c, k, _ in starts}  # correct, verdicts, unverified, truncated
         errors = 0
         done = 0
         progress("continuations", 0, len(starts))
@@ -355,20 +426,17 @@ def validate(config: TrainConfig, output_dir: str | Path, *, client=None, on_pro
             continued = policy.continue_from([s for _, _, s in batch], **sampling)
             for group in _chunks(list(zip(batch, continued)), settings.score_batch):
                 scored = score_rollouts(client, [r for _, r in group], {**options, "max_steps": 1})
-                for ((c, k, _), _), result in zip(group, scored.results):
-                    if result is None or result.status != "ok":
-                        errors += 1  # no verdict: left out of V_k, never counted as wrong
-                        continue
-                    tally[(c, k)][0] += bool(result.correct)
-                    tally[(c, k)][1] += 1
+                for ((c, k, _), continuation), result in zip(group, scored.results):
+                    errors += not count_verdict(tally[(c, k)], result, continuation.truncated)
             done += len(batch)
             progress("continuations", done, len(starts))
         for c, chain in enumerate(data):
             boundaries = len(chain.loglik)
-            chain.verdicts = [tally[(c, k)][1] for k in range(boundaries)]
-            chain.values = [tally[(c, k)][0] / n if n else None for k, n in ((k, tally[(c, k)][1]) for k in range(boundaries))]
-        if errors == len(starts):
-            raise ValidateError("the service gave no verdict for any continuation")
+            counts = [tally[(c, k)] for k in range(boundaries)]
+            chain.verdicts = [n for _, n, _, _ in counts]
+            chain.unverified = [u for _, _, u, _ in counts]
+            chain.truncated = [t for _, _, _, t in counts]
+            chain.values = [right / n if n else None for right, n, _, _ in counts]
 
         # 3. figures
         figures = _summary(data, settings, config, errors, len(starts), tried, passed_over)
@@ -390,6 +458,14 @@ def validate(config: TrainConfig, output_dir: str | Path, *, client=None, on_pro
         _scatter(data, figures, out / "scatter.png")
         _page(figures, data, out)
         _chains_page(chains, data, figures, out / "chains.html", settings.report_chains)
+        if errors > settings.max_without_verdict * len(starts):
+            # Failures cluster where continuations are long (late prefixes): V_k there would
+            # rest on the ones that happened to be short. The files are written; --reanalyze reads them.
+            raise ValidateError(
+                f"{errors} of {len(starts)} continuations got no verdict (service errors or verification "
+                f"time-outs), over validate.max_without_verdict = {settings.max_without_verdict}: the figures in "
+                f"{out} may be biased; see the service's errors (e.g. its token limits)"
+            )
         return figures
     finally:
         if own_client:
@@ -404,10 +480,14 @@ def reanalyze(folder: str | Path) -> dict:
         figures = json.loads((out / "figures.json").read_text(encoding="utf-8"))
         lines = (out / "chains.jsonl").read_text(encoding="utf-8").splitlines()
         data = [ChainData(**json.loads(line)) for line in lines if line.strip()]
+        for chain in data:
+            chain.check()
+        settings = ValidateConfig.model_validate(figures.get("settings", {}))
     except (OSError, ValueError, TypeError) as exc:
         raise ValidateError(f"{out} holds no finished validate run: {exc}") from None
-    settings = figures.get("settings", {})
-    figures.update(analyze(data, rounds=settings.get("bootstrap", 1000), seed=settings.get("seed", 0)))
+    if not data:
+        raise ValidateError(f"{out}/chains.jsonl holds no chain")
+    figures.update(analyze(data, rounds=settings.bootstrap, seed=settings.seed))
     (out / "figures.json").write_text(json.dumps(figures, indent=2, ensure_ascii=False))
     _scatter(data, figures, out / "scatter.png")
     _page(figures, data, out)
@@ -417,6 +497,8 @@ def reanalyze(folder: str | Path) -> dict:
 def _summary(data, settings, config, errors, continuations, tried, passed_over) -> dict:
     starts = [c.values[0] for c in data if c.values[0] is not None]
     ends = [c.values[-1] for c in data if c.values[-1] is not None]
+    cut_first = [c.truncated[0] / c.verdicts[0] for c in data if c.truncated and c.verdicts[0]]
+    cut_last = [c.truncated[-1] / c.verdicts[-1] for c in data if c.truncated and c.verdicts[-1]]
     noise = [math.sqrt(v * (1 - v) / n) for c in data for v, n in zip(c.values, c.verdicts) if v is not None and n]
     return {
         "task": {"name": config.task.name, "params": config.task.params},
@@ -429,7 +511,11 @@ def _summary(data, settings, config, errors, continuations, tried, passed_over) 
         "steps_per_chain": round(float(np.mean([len(c.gains) for c in data])), 3),
         "continuations": continuations,
         "continuations_without_verdict": errors,
-        "chain_accuracy": round(float(np.mean([bool(c.correct) for c in data])), 4),
+        "continuations_cut_off": sum(sum(c.truncated) for c in data),
+        "cut_off_share_first_prefix": round(float(np.mean(cut_first)), 4) if cut_first else None,
+        "cut_off_share_last_prefix": round(float(np.mean(cut_last)), 4) if cut_last else None,
+        "chain_accuracy": round(float(np.mean([bool(c.correct) for c in data if c.correct is not None])), 4)
+        if any(c.correct is not None for c in data) else None,
         "mean_value_first": round(float(np.mean(starts)), 4) if starts else None,
         "mean_value_last": round(float(np.mean(ends)), 4) if ends else None,
         "mean_mc_standard_error": round(float(np.mean(noise)), 4) if noise else None,
@@ -463,11 +549,30 @@ def table_rows(figures: dict) -> list[list[str]]:
     return rows
 
 
+def comparison_lines(figures: dict) -> list[str]:
+    """ρ(ℓ_k) − ρ(k/K) and ρ(g_k) − ρ(k/K), with the paired intervals."""
+    lines = []
+    names = {"likelihood_minus_position": "ρ(ℓ_k, V_k) − ρ(k/K, V_k)", "mig_gain_minus_position": "ρ(g_k, ΔV_k) − ρ(k/K, ΔV_k)"}
+    for key, label in names.items():
+        parts = []
+        for kind in ("pooled", "within"):
+            entry = figures["comparisons"][key][kind]
+            if entry["difference"] is None:
+                parts.append(f"{kind} n/a")
+            elif entry["ci95"] is None:
+                parts.append(f"{kind} {entry['difference']:+.3f} [no interval]")
+            else:
+                low, high = entry["ci95"]
+                parts.append(f"{kind} {entry['difference']:+.3f} [{low:+.2f}, {high:+.2f}]")
+        lines.append(f"{label}: " + ", ".join(parts))
+    return lines
+
+
 def markdown_table(figures: dict) -> str:
     head = "| valuation / step credit | ρ vs V_k, pooled | ρ vs V_k, within chain | ρ vs ΔV_k, pooled | ρ vs ΔV_k, within chain |"
     lines = [head, "|---|---:|---:|---:|---:|"]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(figures)]
-    return "\n".join(lines)
+    return "\n".join(lines + [""] + comparison_lines(figures))
 
 
 def _scatter(data: Sequence[ChainData], figures: dict, path: Path) -> None:
@@ -523,6 +628,10 @@ def _page(figures: dict, data: Sequence[ChainData], out: Path) -> None:
         f"{figures['continuations_without_verdict']} without a verdict)",
         "mean V at the first / last prefix": f"{figures['mean_value_first']} / {figures['mean_value_last']}",
         "Monte-Carlo standard error of V_k (mean)": str(figures["mean_mc_standard_error"]),
+        "continuations cut off at the token cap (share at the first / last prefix)":
+            f"{figures.get('continuations_cut_off')} ({figures.get('cut_off_share_first_prefix')} / "
+            f"{figures.get('cut_off_share_last_prefix')})",
+        "paired differences (95% interval)": "; ".join(comparison_lines(figures)),
         "scorer": f"{figures['service_model'].get('name')} (revision {figures['service_model'].get('revision')})",
         "policy": figures["policy"],
         "seconds": str(figures["seconds"]),

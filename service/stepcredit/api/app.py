@@ -54,7 +54,7 @@ from ..protocol import (
 from .compat import register_compat_routes
 from .drain import RETRY_AFTER_S, Drain, DrainExpired
 from .errors import SHUTTING_DOWN, error, error_responses
-from .guard import BASIC_CHALLENGE, Guard, token_ok
+from .guard import BASIC_CHALLENGE, Guard, basic_allowed, token_ok
 from .metrics import Metrics
 
 __all__ = ["create_app"]
@@ -185,7 +185,8 @@ def create_app(
     async def authorize(request: Request) -> None:
         # The Guard has checked already, before the body; this keeps every route safe
         # on its own.
-        if not token_ok(request.headers.get("authorization"), settings.api_key):
+        allow_basic = basic_allowed(request.method, request.url.path, request.headers.get)
+        if not token_ok(request.headers.get("authorization"), settings.api_key, allow_basic=allow_basic):
             raise _Unauthorized()
 
     protected = [Depends(authorize)]
@@ -388,7 +389,7 @@ def create_app(
     async def playground(request: Request) -> Response:
         """The playground: paste, upload or load the example items, score them through
         /v1/score and see the step-credit page (the report's renderer)."""
-        if not token_ok(request.headers.get("authorization"), settings.api_key):  # the Guard checked already
+        if not token_ok(request.headers.get("authorization"), settings.api_key, allow_basic=True):  # the Guard checked already
             raise _Unauthorized()
         headers = {
             "Content-Security-Policy": playground_csp(),

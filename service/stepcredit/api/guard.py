@@ -3,10 +3,11 @@
 In order:
 1. it names the request's route template for the metrics (`/v1/score`; every unknown
    path shares `unmatched`, so random URLs cannot grow `/metrics`);
-2. with an API key set, every path but the open ones needs the key, as a bearer token or
-   as the password of HTTP Basic (what a browser sends): 401 before the body is read (a
-   client cannot hold the server on a body it never sends). The browser pages (/ui) answer
-   it with a Basic challenge, so the browser asks for the key; the API keeps its Bearer one;
+2. with an API key set, every path but the open ones needs the key as a bearer token, or
+   as the password of HTTP Basic (what a browser sends) on the page and its own JSON call
+   only (`basic_allowed`): 401 before the body is read (a client cannot hold the server on
+   a body it never sends). The browser page (/ui) answers it with a Basic challenge, so the
+   browser asks for the key; the API keeps its Bearer one;
 3. while draining, new work (scoring, reload) gets 503 `draining` with Retry-After;
 4. the body is read under the byte limit (413) and the body timeout (408), then
    replayed to the app.
@@ -19,9 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
+import hashlib
 import secrets
-from collections.abc import Collection
+from collections.abc import Callable, Collection
+from urllib.parse import urlsplit
 
 from pydantic import SecretStr
 from starlette.routing import Match, Router
@@ -30,7 +32,7 @@ from .drain import RETRY_AFTER_S, Drain
 from .errors import error
 from .metrics import Metrics
 
-__all__ = ["BASIC_CHALLENGE", "Guard", "token_ok", "UNMATCHED"]
+__all__ = ["BASIC_CHALLENGE", "BASIC_ROUTES", "Guard", "basic_allowed", "token_ok", "UNMATCHED"]
 
 UNMATCHED = "unmatched"
 """The route label of every path no route serves."""
@@ -44,20 +46,56 @@ navigates, but it asks for a user and password on this and sends them with every
 request to the service, the page's own fetches included."""
 
 
-def token_ok(authorization: str | None, api_key: SecretStr | None) -> bool:
-    """True when no key is set, or `authorization` is `Bearer <key>` or `Basic
-    base64(<any user>:<key>)` (constant-time compare either way)."""
+BASIC_ROUTES = {("GET", "/ui"), ("POST", "/v1/score")}
+"""Where HTTP Basic is taken: the page and the one call it makes. A browser sends Basic
+credentials it holds with any request to the origin, also one a page of another site
+starts (cross-site request forgery); elsewhere (reload, compat routes, metrics) only a
+bearer token, which a browser never adds by itself, opens the route."""
+
+
+def basic_allowed(method: str, path: str, header: Callable[[str], str | None]) -> bool:
+    """May this request authenticate with Basic? Only on BASIC_ROUTES, and a POST only as
+    the page's own fetch: JSON (another site's page cannot send JSON without a CORS
+    preflight, which this service never grants), and not marked as coming from another
+    site (`Sec-Fetch-Site`, or an `Origin` whose host is not this one)."""
+    if (method, path) not in BASIC_ROUTES:
+        return False
+    if method == "GET":
+        return True
+    content_type = (header("content-type") or "").split(";")[0].strip().lower()
+    if content_type != "application/json":
+        return False
+    site = header("sec-fetch-site")
+    if site is not None and site.lower() != "same-origin":
+        return False
+    origin = header("origin")
+    if origin is not None and urlsplit(origin).netloc.lower() != (header("host") or "").lower():
+        return False
+    return True
+
+
+def _same(given: str, key: SecretStr) -> bool:
+    # Digests of equal length: compare_digest on the raw strings would leak the key's length.
+    return secrets.compare_digest(
+        hashlib.sha256(given.encode("utf-8", "surrogateescape")).digest(),
+        hashlib.sha256(key.get_secret_value().encode()).digest(),
+    )
+
+
+def token_ok(authorization: str | None, api_key: SecretStr | None, *, allow_basic: bool = False) -> bool:
+    """True when no key is set, or `authorization` is `Bearer <key>`, or (where
+    `allow_basic`: see `basic_allowed`) `Basic base64(<any user>:<key>)`."""
     if api_key is None:
         return True
     scheme, _, token = (authorization or "").partition(" ")
     scheme, token = scheme.lower(), token.strip()
-    if scheme == "basic":
+    if scheme == "basic" and allow_basic:
         try:  # RFC 7617: the password is what follows the first colon; any user
             _, colon, password = base64.b64decode(token, validate=True).decode("utf-8").partition(":")
-        except (binascii.Error, UnicodeDecodeError):
+        except ValueError:  # bad base64, non-ASCII header bytes, not UTF-8
             return False
-        return bool(colon) and secrets.compare_digest(password.encode(), api_key.get_secret_value().encode())
-    return scheme == "bearer" and secrets.compare_digest(token.encode(), api_key.get_secret_value().encode())
+        return bool(colon) and _same(password, api_key)
+    return scheme == "bearer" and _same(token, api_key)
 
 
 class Guard:
@@ -116,7 +154,13 @@ class Guard:
         headers = dict(scope["headers"])
         if route not in self.open_routes:
             authorization = headers.get(b"authorization", b"").decode("latin-1")
-            if not token_ok(authorization, self.api_key):
+
+            def header(name: str) -> str | None:
+                value = headers.get(name.encode())
+                return None if value is None else value.decode("latin-1")
+
+            allow_basic = basic_allowed(scope["method"], route, header)
+            if not token_ok(authorization, self.api_key, allow_basic=allow_basic):
                 message = "missing or wrong bearer token"
                 challenge = "Bearer"
                 if route in self.page_routes:
