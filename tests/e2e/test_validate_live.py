@@ -62,7 +62,7 @@ def run_validate(tmp_path: Path, base: str, model: Path, task: str, validate: st
 def test_dataset_chains_estimate_every_prefix_and_leave_refused_continuations_out(tmp_path, served, tiny_model_path):
     task = '[task]\nname = "gsm_symbolic"\nparams = {}'
     done, out = run_validate(tmp_path, served, tiny_model_path, task,
-                             'chains = "dataset"\nproblems = 1\nsamples = 2\nmin_steps = 2')  # fmt: skip
+                             'chains = "dataset"\nproblems = 1\nsamples = 2\nmin_steps = 2\nmax_without_verdict = 0.5')  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     figures = json.loads((out / "figures.json").read_text())
     (chain,) = [json.loads(line) for line in (out / "chains.jsonl").read_text().splitlines()]
@@ -74,6 +74,9 @@ def test_dataset_chains_estimate_every_prefix_and_leave_refused_continuations_ou
     # so no V_K (never a V_K of 0); the earlier prefixes have both verdicts.
     assert chain["verdicts"][-1] == 0 and chain["values"][-1] is None
     assert chain["verdicts"][:-1] == [2] * steps
+    assert chain["unverified"] == [0] * steps + [2]
+    # A random model never stops within the cap: every verdict is of a cut-off continuation.
+    assert chain["truncated"] == chain["verdicts"] and figures["cut_off_share_first_prefix"] == 1.0
     assert all(v == 0.0 for v in chain["values"][:-1])  # a random model solves nothing
     assert figures["continuations_without_verdict"] == 2
     # V is constant: no ρ is defined, and none is reported as a number.
@@ -108,6 +111,17 @@ def test_policy_chains_are_sampled_scored_and_continued(tmp_path, served, tiny_m
     assert all(c["verdicts"] == [2] * len(c["values"]) for c in chains)
     items = [json.loads(line) for line in (out / "chain_items.jsonl").read_text().splitlines()]
     assert [i["completion"].startswith("<think>\n") for i in items] == [True, True]
+
+
+@pytest.mark.slow
+def test_too_many_continuations_without_a_verdict_fail_the_check_after_writing_its_files(tmp_path, served, tiny_model_path):
+    """2 of the 12 continuations (17%) have no verdict, over the default 10%: the figures
+    would lean on the rest, so the command says so and ends with status 1."""
+    task = '[task]\nname = "gsm_symbolic"\nparams = {}'
+    done, out = run_validate(tmp_path, served, tiny_model_path, task, 'chains = "dataset"\nproblems = 1\nsamples = 2')
+    assert done.returncode == 1
+    assert "got no verdict" in done.stderr and "max_without_verdict = 0.1" in done.stderr
+    assert (out / "chains.jsonl").exists() and (out / "figures.json").exists()
 
 
 def test_reanalyze_of_a_folder_without_a_run_says_so(tmp_path):
