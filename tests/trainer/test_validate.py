@@ -77,6 +77,8 @@ def test_too_few_chains_get_an_estimate_but_no_interval():
     assert credit["chains"] == 1 and credit["rho"] is not None and credit["ci95"] is None
     assert figures["value"]["likelihood"]["pooled"]["ci95"] is not None  # 7 chains behind it
     assert "[no interval] (1 chains)" in markdown_table(figures)
+    # Nor does the paired difference get one from that single ranked chain.
+    assert figures["comparisons"]["mig_gain_minus_position"]["within"]["ci95"] is None
 
 
 def test_a_prefix_without_a_verdict_is_left_out_not_read_as_zero():

@@ -205,10 +205,11 @@ def _correlate(series: list[tuple[list[float], list[float]]], draws: Sequence[np
         return None if ci is None else [round(ci[0], 4), round(ci[1], 4)]
 
     ranked = sum(not math.isnan(r) for r in per_chain)
+    with_points = sum(bool(x) for x, _ in series)
     figures = {
         "pooled": {
             "rho": clean(pooled(everything)),
-            "ci95": rounded(_interval(boot_pooled, sum(bool(x) for x, _ in series))),
+            "ci95": rounded(_interval(boot_pooled, with_points)),
             "points": sum(len(x) for x, _ in series),
         },
         "within": {
@@ -218,7 +219,8 @@ def _correlate(series: list[tuple[list[float], list[float]]], draws: Sequence[np
         },
     }
     point = {"pooled": pooled(everything), "within": within(everything)}
-    return figures, {"point": point, "pooled": boot_pooled, "within": boot_within, "chains": len(series)}
+    chains = {"pooled": with_points, "within": ranked}
+    return figures, {"point": point, "pooled": boot_pooled, "within": boot_within, "chains": chains}
 
 
 def _difference(a: dict, b: dict) -> dict:
@@ -228,7 +230,8 @@ def _difference(a: dict, b: dict) -> dict:
     for kind in ("pooled", "within"):
         point = a["point"][kind] - b["point"][kind]
         pairs = [x - y for x, y in zip(a[kind], b[kind])]
-        ci = _interval(pairs, a["chains"])
+        # The interval needs enough chains behind both estimates (one ranked chain resamples to a width of 0).
+        ci = _interval(pairs, min(a["chains"][kind], b["chains"][kind]))
         out[kind] = {
             "difference": None if math.isnan(point) else round(point, 4),
             "ci95": None if ci is None or math.isnan(point) else [round(ci[0], 4), round(ci[1], 4)],
