@@ -24,8 +24,10 @@ LAUNCH_ARGS = [
 ]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
+    # Module scope, never session: Playwright's sync API keeps its event loop marked running on
+    # the main thread while it is open, and every later test that calls asyncio.run would fail.
     # CI sets STEPCREDIT_REQUIRE_BROWSER (.ci/run): there a missing browser fails the run
     # instead of passing it with the browser tests quietly skipped.
     missing = pytest.fail if os.environ.get("STEPCREDIT_REQUIRE_BROWSER") else pytest.skip
