@@ -53,3 +53,59 @@ def tiny_model_path(tmp_path_factory, tokenizer) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+# Qwen2-VL's chat template, in short: an image part (OpenAI `image_url` or TRL's bare
+# `image`) becomes the vision placeholder the processor expands to one pad per merged patch.
+VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] in ('image', 'image_url') %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+
+
+def build_tiny_vl(path: Path, smol: Path) -> Path:
+    """A 2-layer random Qwen2-VL (vision tower of 2 blocks, head size 64, mrope sections
+    summing to head_dim / 2) with SmolLM2's tokenizer plus the vision tokens, and the
+    torchvision-free image processor (`Qwen2VLImageProcessorPil`), sized so an image is at
+    most 64 merged patches."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tok = AutoTokenizer.from_pretrained(smol)
+    tok.add_tokens(VISION_TOKENS, special_tokens=True)
+    tok.chat_template = VL_CHAT_TEMPLATE
+    ids = {t: tok.convert_tokens_to_ids(t) for t in VISION_TOKENS}
+    torch.manual_seed(0)
+    text = dict(
+        vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=64, max_position_embeddings=4096, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "mrope_section": [8, 12, 12], "rope_theta": 10000.0},
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )  # fmt: skip
+    vision = dict(
+        depth=2, embed_dim=64, num_heads=2, hidden_size=128, mlp_ratio=2, patch_size=14, spatial_merge_size=2,
+        temporal_patch_size=2, in_channels=3,
+    )  # fmt: skip
+    config = Qwen2VLConfig(
+        text_config=text, vision_config=vision, tie_word_embeddings=True,
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )  # fmt: skip
+    Qwen2VLForConditionalGeneration(config).eval().save_pretrained(path)
+    tok.save_pretrained(path)
+    Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 64).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_vl_path(tmp_path_factory, smol_path) -> Path:
+    return build_tiny_vl(tmp_path_factory.mktemp("tiny-qwen2-vl"), smol_path)

@@ -12,6 +12,9 @@ requests of `chunk_size` items sent at most `max_concurrency` at a time.
 Connection failures, 429 and 503 are retried with jittered exponential backoff,
 honouring Retry-After; other 4xx are never retried; timeouts are not retried.
 
+Images travel inline: `image_data_uri(path | bytes | PIL image)` makes the data URI
+for an item's `images` or an `image_url` content part; the service fetches no URL.
+
 A failed item is never a reward of 0: the service marks it `status: "error"`,
 `scalar_rewards` turns it into None, and `scalar_reward` / `token_rewards`
 raise `ItemFailedError`.
@@ -66,9 +69,14 @@ from ._exceptions import (
     StepCreditError,
     TransportError,
 )
+from ._images import image_data_uri
 from ._models import (
     ChatMessage,
+    ContentPart,
     ErrorInfo,
+    ImagePart,
+    ImageUrl,
+    ImageUrlPart,
     ItemOptions,
     ModelInfo,
     ReloadResponse,
@@ -76,8 +84,10 @@ from ._models import (
     ScoreResponse,
     ScoreResult,
     StepResult,
+    TextPart,
     Usage,
 )
+from ._version import __version__  # noqa: F401  (the package's version)
 from .alignment import DecodeAlignment, OffsetAlignment, TokenAlignment
 from .rewards import RewardWeights, TokenRewards, require_ok, scalar_reward, scalar_rewards, token_rewards
 
@@ -88,6 +98,12 @@ __all__ = [
     "Retry",
     "DEFAULT_TIMEOUT",
     "ChatMessage",
+    "ContentPart",
+    "TextPart",
+    "ImageUrlPart",
+    "ImageUrl",
+    "ImagePart",
+    "image_data_uri",
     "ItemOptions",
     "ScoreItem",
     "ScoreResult",
@@ -123,4 +139,3 @@ __all__ = [
     "ItemFailedError",
     "AlignmentError",
 ]
-__version__ = "0.2.0"

@@ -30,6 +30,7 @@ from ._exceptions import (
     TransportError,
 )
 from ._models import ItemOptions, ModelInfo, ScoreItem, ScoreResponse, ScoreResult, Usage
+from ._version import __version__
 
 __all__ = ["BaseClient", "ItemLike", "RELOAD_TIMEOUT"]
 
@@ -50,7 +51,7 @@ class BaseClient:
     def __init__(self, base_url: str, api_key: str | None, config: ClientConfig | None) -> None:
         self.base_url = base_url.rstrip("/")
         self.config = config or ClientConfig()
-        self._headers = {"User-Agent": "stepcredit-client/0.1"}
+        self._headers = {"User-Agent": f"stepcredit-client/{__version__}"}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
 
@@ -60,9 +61,33 @@ class BaseClient:
     def _items(items: Iterable[ItemLike]) -> list[ScoreItem]:
         return [item if isinstance(item, ScoreItem) else ScoreItem.model_validate(item) for item in items]
 
-    def _chunks(self, items: Sequence[ScoreItem]) -> list[tuple[int, Sequence[ScoreItem]]]:
-        size = self.config.chunk_size
-        return [(start, items[start : start + size]) for start in range(0, len(items), size)]
+    def _chunks(
+        self, items: Sequence[ScoreItem], options: ItemOptions | Mapping | None
+    ) -> list[tuple[int, bytes, int]]:
+        """(first item's index, JSON body, item count) per request: at most `chunk_size`
+        items and `max_request_bytes` bytes each. Each item is serialized once, here."""
+        opts = options if options is None or isinstance(options, ItemOptions) else ItemOptions.model_validate(options)
+        tail = b"]}" if opts is None else b'],"options":' + opts.model_dump_json(exclude_none=True).encode() + b"}"
+        envelope = len(b'{"items":[') + len(tail)
+        limit, size = self.config.max_request_bytes, self.config.chunk_size
+        chunks: list[tuple[int, list[bytes]]] = []
+        body_bytes = 0
+        for index, item in enumerate(items):
+            encoded = item.model_dump_json(exclude_none=True).encode()
+            if envelope + len(encoded) > limit:
+                raise ValueError(
+                    f"items[{index}] is {len(encoded)} bytes as JSON, more than one request may carry "
+                    f"(max_request_bytes={limit}, the service's limit too): send smaller images, or raise "
+                    "the limit on both sides"
+                )
+            last = chunks[-1][1] if chunks else None
+            if last is None or len(last) == size or body_bytes + 1 + len(encoded) > limit:
+                chunks.append((index, [encoded]))
+                body_bytes = envelope + len(encoded)
+            else:
+                last.append(encoded)
+                body_bytes += 1 + len(encoded)
+        return [(start, b'{"items":[' + b",".join(parts) + tail, len(parts)) for start, parts in chunks]
 
     @staticmethod
     def _reload_payload(path: str | os.PathLike, revision: str | None) -> dict:
@@ -70,14 +95,6 @@ class BaseClient:
         body: dict = {"path": os.fspath(path)}
         if revision is not None:
             body["revision"] = revision
-        return body
-
-    @staticmethod
-    def _payload(chunk: Sequence[ScoreItem], options: ItemOptions | Mapping | None) -> dict:
-        body: dict = {"items": [item.model_dump(exclude_none=True) for item in chunk]}
-        if options is not None:
-            opts = options if isinstance(options, ItemOptions) else ItemOptions.model_validate(options)
-            body["options"] = opts.model_dump(exclude_none=True)
         return body
 
     # ------------------------------------------------- errors, one boundary
@@ -160,9 +177,9 @@ class BaseClient:
         return ScoreResponse(results=results, model=model, usage=usage)
 
     @staticmethod
-    def _check_count(chunk: Sequence[ScoreItem], response: ScoreResponse) -> ScoreResponse:
-        if len(response.results) != len(chunk):
-            raise ResponseFormatError(f"sent {len(chunk)} items, got {len(response.results)} results")
+    def _check_count(sent: int, response: ScoreResponse) -> ScoreResponse:
+        if len(response.results) != sent:
+            raise ResponseFormatError(f"sent {sent} items, got {len(response.results)} results")
         return response
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -13,7 +13,7 @@ import httpx
 from ._base import RELOAD_TIMEOUT, BaseClient, ItemLike
 from ._config import ClientConfig
 from ._exceptions import ServiceUnavailableError, StepCreditError
-from ._models import ItemOptions, ModelInfo, ReloadResponse, ScoreItem, ScoreResponse
+from ._models import ItemOptions, ModelInfo, ReloadResponse, ScoreResponse
 
 __all__ = ["Client", "AsyncClient"]
 
@@ -55,7 +55,7 @@ class Client(BaseClient):
         self,
         method: str,
         path: str,
-        json: dict | None = None,
+        body: dict | bytes | None = None,
         timeout: httpx.Timeout | float | None = None,
         idempotent: bool = True,
     ) -> httpx.Response:
@@ -63,7 +63,7 @@ class Client(BaseClient):
         while True:
             cause = None
             try:
-                response = self._http.request(method, path, json=json, timeout=_timeout(timeout))
+                response = self._http.request(method, path, **_body(body), timeout=_timeout(timeout))
             except httpx.TransportError as exc:
                 cause, error = exc, self._transport_error(exc)
             else:
@@ -79,29 +79,29 @@ class Client(BaseClient):
     def score(self, items: Iterable[ItemLike], options: ItemOptions | Mapping | None = None) -> ScoreResponse:
         """Score items; results come back in their order.
 
-        More than `config.chunk_size` items are split into requests sent at most
-        `config.max_concurrency` at a time. A failed item comes back with
+        More than `config.chunk_size` items (or `config.max_request_bytes` of them) are
+        split into requests sent at most `config.max_concurrency` at a time. A failed item comes back with
         `status: "error"`; a failed request raises (see the exception tree), and
         `IncompleteBatchError` carries the results that did arrive.
         """
         batch = self._items(items)
         if not batch:
             raise ValueError("nothing to score")
-        chunks = self._chunks(batch)
+        chunks = self._chunks(batch, options)
 
-        def run(chunk: Sequence[ScoreItem]) -> ScoreResponse | StepCreditError:
+        def run(chunk: tuple[int, bytes, int]) -> ScoreResponse | StepCreditError:
+            _, body, sent = chunk
             try:
-                response = self._request("POST", "/v1/score", self._payload(chunk, options))
-                return self._check_count(chunk, self._parse(response, ScoreResponse))
+                response = self._request("POST", "/v1/score", body)
+                return self._check_count(sent, self._parse(response, ScoreResponse))
             except StepCreditError as exc:
                 return exc
 
         if len(chunks) == 1:
-            outcomes = [(0, run(chunks[0][1]))]
+            outcomes = [(0, run(chunks[0]))]
         else:
             with ThreadPoolExecutor(max_workers=self.config.max_concurrency) as pool:
-                done = pool.map(run, [chunk for _, chunk in chunks])
-                outcomes = [(start, outcome) for (start, _), outcome in zip(chunks, done)]
+                outcomes = [(chunk[0], outcome) for chunk, outcome in zip(chunks, pool.map(run, chunks))]
         return self._merge(len(batch), outcomes)
 
     def model(self) -> ModelInfo:
@@ -175,7 +175,7 @@ class AsyncClient(BaseClient):
         self,
         method: str,
         path: str,
-        json: dict | None = None,
+        body: dict | bytes | None = None,
         timeout: httpx.Timeout | float | None = None,
         idempotent: bool = True,
     ) -> httpx.Response:
@@ -183,7 +183,7 @@ class AsyncClient(BaseClient):
         while True:
             cause = None
             try:
-                response = await self._http.request(method, path, json=json, timeout=_timeout(timeout))
+                response = await self._http.request(method, path, **_body(body), timeout=_timeout(timeout))
             except httpx.TransportError as exc:
                 cause, error = exc, self._transport_error(exc)
             else:
@@ -203,15 +203,15 @@ class AsyncClient(BaseClient):
             raise ValueError("nothing to score")
         gate = asyncio.Semaphore(self.config.max_concurrency)
 
-        async def run(start: int, chunk: Sequence[ScoreItem]) -> tuple[int, ScoreResponse | StepCreditError]:
+        async def run(start: int, body: bytes, sent: int) -> tuple[int, ScoreResponse | StepCreditError]:
             async with gate:
                 try:
-                    response = await self._request("POST", "/v1/score", self._payload(chunk, options))
-                    return start, self._check_count(chunk, self._parse(response, ScoreResponse))
+                    response = await self._request("POST", "/v1/score", body)
+                    return start, self._check_count(sent, self._parse(response, ScoreResponse))
                 except StepCreditError as exc:
                     return start, exc
 
-        outcomes = await asyncio.gather(*(run(start, chunk) for start, chunk in self._chunks(batch)))
+        outcomes = await asyncio.gather(*(run(*chunk) for chunk in self._chunks(batch, options)))
         return self._merge(len(batch), list(outcomes))
 
     async def model(self) -> ModelInfo:
@@ -240,6 +240,13 @@ class AsyncClient(BaseClient):
             if time.monotonic() > deadline:
                 raise ServiceUnavailableError(503, "not_ready", f"not ready after {timeout_s} s")
             await asyncio.sleep(poll_s)
+
+
+def _body(body: dict | bytes | None) -> dict:
+    # Scoring bodies come serialized (their size decided the split); others are small dicts.
+    if isinstance(body, bytes):
+        return {"content": body, "headers": {"Content-Type": "application/json"}}
+    return {} if body is None else {"json": body}
 
 
 def _timeout(timeout: httpx.Timeout | float | None):

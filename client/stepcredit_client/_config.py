@@ -59,9 +59,15 @@ class ClientConfig:
     """Items per request; keep it at or under the service's max_items_per_request."""
     max_concurrency: int = 4
     """Requests of one split batch in flight at once."""
+    max_request_bytes: int = 16 * 1024 * 1024
+    """Largest request body: a chunk is cut sooner when its items would pass it (images
+    make items large). Keep it at or under the service's max_request_bytes (16 MiB by
+    default), which answers a larger body with 413 for the whole request."""
 
     def __post_init__(self) -> None:
         if self.chunk_size < 1 or self.max_concurrency < 1:
             raise ValueError("chunk_size and max_concurrency must be at least 1")
+        if self.max_request_bytes < 1024:
+            raise ValueError("max_request_bytes must be at least 1024")
         if not isinstance(self.timeout, httpx.Timeout):
             object.__setattr__(self, "timeout", httpx.Timeout(self.timeout))

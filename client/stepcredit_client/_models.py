@@ -3,15 +3,26 @@
 They mirror `stepcredit.protocol` without importing it, so the client installs
 without the service. Requests forbid unknown fields (a typo must not be sent
 silently); responses ignore them, so a newer service does not break an older client.
+
+What the client checks of an image is what holds for every service: an inline data URI
+of a type the service decodes, and as many images as bare `{"type": "image"}` parts.
+Counts, bytes and pixels are the service's settings; it fails the item, naming the field.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from ._images import check_data_uri
 
 __all__ = [
+    "TextPart",
+    "ImageUrl",
+    "ImageUrlPart",
+    "ImagePart",
+    "ContentPart",
     "ChatMessage",
     "ItemOptions",
     "ScoreItem",
@@ -33,9 +44,41 @@ class _Response(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+DataURI = Annotated[str, AfterValidator(check_data_uri)]
+"""`data:image/<png|jpeg|webp|gif|bmp>;base64,...`: the service fetches no URL."""
+
+
+class TextPart(_Request):
+    type: Literal["text"] = "text"
+    text: str
+
+
+class ImageUrl(_Request):
+    url: DataURI
+    detail: Literal["auto", "low", "high"] | None = None
+    """OpenAI's resolution hint; the service accepts and ignores it."""
+
+
+class ImageUrlPart(_Request):
+    """OpenAI's image part, the image inline: `{"type": "image_url", "image_url": {"url": "data:..."}}`."""
+
+    type: Literal["image_url"] = "image_url"
+    image_url: ImageUrl
+
+
+class ImagePart(_Request):
+    """TRL's bare placeholder `{"type": "image"}`: the k-th one takes the item's `images[k]`."""
+
+    type: Literal["image"] = "image"
+
+
+ContentPart = Annotated[TextPart | ImageUrlPart | ImagePart, Field(discriminator="type")]
+
+
 class ChatMessage(_Request):
     role: str
-    content: str
+    content: str | Annotated[list[ContentPart], Field(min_length=1, max_length=64)]
+    """Text, or OpenAI-style content parts (text and images, in order)."""
 
 
 class ItemOptions(_Request):
@@ -47,18 +90,25 @@ class ItemOptions(_Request):
     step_split: Literal["auto", "lines", "paragraphs", "markers"] | None = None
     max_steps: int | None = Field(None, ge=1)
     probe_prefix: str | None = None
-    acc_weight: float | None = None
-    format_weight: float | None = None
-    verify_timeout_s: float | None = Field(None, gt=0)
+    # Finite, as the service requires: JSON has no NaN, and the encoder would send null (the default).
+    acc_weight: float | None = Field(None, allow_inf_nan=False)
+    format_weight: float | None = Field(None, allow_inf_nan=False)
+    verify_timeout_s: float | None = Field(None, gt=0, allow_inf_nan=False)
 
 
 class ScoreItem(_Request):
     """One (prompt, completion, references) to score. Give `prompt` (as the policy saw
-    it, chat template applied) or `messages` (rendered with the scorer's template)."""
+    it, chat template applied) or `messages` (rendered with the scorer's template).
+
+    `images` (data URIs, `image_data_uri` makes them) go where the `prompt` marks them
+    with the model's placeholder (Qwen2-VL: `<|vision_start|><|image_pad|><|vision_end|>`)
+    or `<image>`, one mark per image in order; with `messages`, they fill the bare
+    `{"type": "image"}` parts in order. `image_url` parts carry their own image."""
 
     id: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    images: list[DataURI] | None = None
     completion: str
     references: list[str] = Field(min_length=1)
     completion_token_ids: list[int] | None = None
@@ -70,6 +120,19 @@ class ScoreItem(_Request):
             raise ValueError("give exactly one of `prompt` or `messages`")
         if any(not ref.strip() for ref in self.references):
             raise ValueError("`references` must not contain blank strings")
+        if self.messages is not None:
+            bare = sum(
+                isinstance(part, ImagePart)
+                for message in self.messages
+                if isinstance(message.content, list)
+                for part in message.content
+            )
+            given = len(self.images or [])
+            if bare != given:
+                raise ValueError(
+                    f'`messages` hold {bare} bare {{"type": "image"}} part{"s" if bare != 1 else ""} for {given} '
+                    f'`images`: each bare part takes the next image (or send {{"type": "image_url", ...}} parts)'
+                )
         return self
 
 

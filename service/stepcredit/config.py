@@ -29,7 +29,8 @@ class Limits(BaseSettings):
     max_items_per_request: int = Field(512, ge=1, le=100_000)
     """Most items in one /v1/score request; more get 413."""
     max_chars_per_item: int = Field(64_000, ge=100, le=2_000_000)
-    """Most characters in prompt (or rendered messages) plus completion; more get 422."""
+    """Most characters in prompt (or the messages' text) plus completion; more get 422.
+    Images count against their own limits, not this one."""
     max_references_per_item: int = Field(16, ge=1, le=256)
     """Most answer variants per item; more get 422."""
     max_reference_chars: int = Field(2_000, ge=1, le=100_000)
@@ -40,6 +41,17 @@ class Limits(BaseSettings):
     """Longest `completion_token_ids`; longer get 422."""
     max_pattern_chars: int = Field(500, ge=10, le=10_000)
     """Longest user-given regex for the `regex` format; longer get 422."""
+    max_images_per_item: int = Field(8, ge=0, le=256)
+    """Most images one item may carry (`images` entries and `image_url` parts together);
+    more get the item's `invalid_item`. 0 refuses every image."""
+    max_image_bytes: int = Field(8 * 1024 * 1024, ge=1024, le=1 << 30)
+    """Largest image, decoded from base64, in bytes; larger get the item's `invalid_item`
+    (checked from the base64 length before anything is decoded)."""
+    # At most Pillow's own decompression-bomb threshold (Image.MAX_IMAGE_PIXELS,
+    # 89_478_485): above it Pillow warns or refuses on its own before our check could run.
+    max_image_pixels: int = Field(4096 * 4096, ge=1, le=89_478_485)
+    """Most pixels (width x height, from the image header) in one image; more get the
+    item's `invalid_item` before any pixel is decoded."""
     max_probe_tokens_per_item: int | None = Field(None, ge=64, le=1 << 24)
     """Most reference tokens one item may ask the model to score: probes (steps + 1) x the
     sum of its references' tokens. More is that item's `limit_exceeded`, before any model work.

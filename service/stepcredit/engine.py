@@ -35,8 +35,18 @@ from .backends.base import Backend, BackendDeadError
 from .batching import Batcher, Overloaded, estimate_tokens
 from .config import Settings
 from .credit import NonFiniteError, mig_credit, outcome_reward, shape_problem
+from .media import MediaError, decode_image, item_images
 from .patterns import PatternJob, PatternPool
-from .probes import ProbeError, TrajectoryProbes, check_completion_ids, check_context, ids_probes, text_probes
+from .probes import (
+    ProbeError,
+    ProbeImage,
+    ProbeMedia,
+    TrajectoryProbes,
+    check_completion_ids,
+    check_context,
+    ids_probes,
+    text_probes,
+)
 from .protocol import ItemOptions, ModelInfo, ScoreItem, ScoreResult, StepResult, Usage
 from .reload import Reloader, ReloadOutcome
 from .structure import (
@@ -352,15 +362,64 @@ class Scorer:
                 break
         return out
 
-    def _render_prompt(self, item: ScoreItem) -> str:
+    def _render_prompt(self, item: ScoreItem) -> tuple[str, ProbeMedia | None]:
+        """The prompt text, with each image's placeholder expanded to its pad tokens, and
+        the images (None for an item without any)."""
+        try:
+            refs = item_images(item, self.settings, "item")
+        except MediaError as exc:  # parse_item checked it already; the limits may have moved
+            raise ProbeError(exc.code, str(exc)) from None
+        vision = getattr(self.backend, "vision", None)
+        if refs and vision is None:
+            raise ProbeError(
+                "images_unsupported", f"the scoring model ({self.backend.info.name}) takes no images: it is text-only"
+            )
         if item.prompt is not None:
-            return item.prompt
+            prompt = item.prompt
+        else:
+            prompt = self._render_messages(item, vision is not None)
+        if vision is None:
+            return prompt, None
+        if not refs:
+            # A text item on a vision model: the prompt may not smuggle in pad tokens
+            # that no image fills.
+            if vision.image_token in prompt:
+                raise ProbeError("invalid_item", f"the prompt holds {vision.image_token!r} but the item has no image")
+            return prompt, None
+        decoded = []
+        for ref in refs:
+            try:
+                decoded.append(decode_image(ref))
+            except MediaError as exc:
+                raise ProbeError(exc.code, str(exc)) from None
+        processed = vision.process(decoded)
+        prompt = vision.place(prompt, [p.grid_thw for p in processed])
+        images = tuple(
+            ProbeImage(ref.data_uri, image, ref.digest, p.grid_thw, p.pixel_values)
+            for ref, image, p in zip(refs, decoded, processed, strict=True)
+        )
+        return prompt, ProbeMedia(images)
+
+    def _render_messages(self, item: ScoreItem, takes_images: bool) -> str:
         if not getattr(self.tokenizer, "chat_template", None):
             raise ProbeError("no_chat_template", "the scorer's tokenizer has no chat template: send `prompt`")
+        messages = []
+        for message in item.messages:
+            content = message.content
+            if not isinstance(content, str):
+                parts = [part.model_dump(exclude_none=True) for part in content]
+                if takes_images:
+                    # Every chat template of a VL family knows a bare image part; the data
+                    # itself never goes into the template.
+                    content = [
+                        {"type": "text", "text": p["text"]} if p["type"] == "text" else {"type": "image"}
+                        for p in parts
+                    ]
+                else:  # text parts only (images were refused above): OpenAI joins them
+                    content = "".join(p["text"] for p in parts)
+            messages.append({"role": message.role, "content": content})
         try:
-            return self.tokenizer.apply_chat_template(
-                [m.model_dump() for m in item.messages], tokenize=False, add_generation_prompt=True
-            )
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as exc:  # a template may raise on unexpected roles
             raise ProbeError("invalid_messages", f"chat template failed: {exc}") from None
 
@@ -374,7 +433,7 @@ class Scorer:
         if opts.format == "regex" and parsed is None:
             # User patterns never run on this shared thread (see patterns.py).
             raise RuntimeError("a regex item reached preparation without its structure")
-        prompt = self._render_prompt(item)
+        prompt, media = self._render_prompt(item)
         text = item.completion
         if parsed is None:
             parsed = parse_structure(text, opts.format, eos_text=getattr(self.tokenizer, "eos_token", None))
@@ -402,6 +461,7 @@ class Scorer:
                 item.references,
                 max_probe_tokens=max_probe_tokens,
                 max_context=max_context,
+                media=media,
             )
         else:
             probes, spans = ids_probes(
@@ -414,6 +474,7 @@ class Scorer:
                 opts.probe_prefix,
                 item.references,
                 max_probe_tokens=max_probe_tokens,
+                media=media,
             )
         if any(not ctx for ctx in probes.contexts):
             raise ProbeError("empty_context", "a probe has no token to condition on (empty prompt and prefix)")

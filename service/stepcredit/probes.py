@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 __all__ = [
     "TrajectoryProbes",
+    "ProbeImage",
+    "ProbeMedia",
     "ProbeError",
     "encode_text",
     "text_probes",
@@ -41,6 +43,35 @@ class ProbeError(ValueError):
         self.code = code
 
 
+@dataclass(frozen=True, eq=False)
+class ProbeImage:
+    """One image of a trajectory's prompt, in every form a backend may need."""
+
+    data_uri: str
+    """The item's inline image (vllm-remote sends it as a content part)."""
+    image: object
+    """Decoded, RGB (a PIL image: vLLM's `multi_modal_data`)."""
+    digest: str
+    """sha256 of the image bytes."""
+    grid_thw: tuple[int, int, int]
+    """Patch grid from the model's image processor: the prompt holds
+    grid_t * grid_h * grid_w / merge^2 pad tokens for this image."""
+    pixel_values: object
+    """numpy array from the model's image processor (the hf backend encodes it)."""
+
+
+@dataclass(frozen=True, eq=False)
+class ProbeMedia:
+    """The images of a trajectory's prompt, in order of their placeholders."""
+
+    images: tuple[ProbeImage, ...]
+
+    @property
+    def key(self) -> str:
+        """Identity of the images: trajectories may share computed prefixes only when equal."""
+        return ",".join(image.digest for image in self.images)
+
+
 @dataclass(frozen=True)
 class TrajectoryProbes:
     trunk: list[int]
@@ -49,6 +80,9 @@ class TrajectoryProbes:
     """K + 1 probe contexts: tokens of context_k + probe_prefix, k = 0..K."""
     references: list[list[int]]
     """Token ids of each reference variant, tokenized alone (no special tokens)."""
+    media: ProbeMedia | None = None
+    """The prompt's images; their placeholders in `trunk` and `contexts` are already
+    expanded to one pad token per merged patch."""
 
     @property
     def longest_sequence(self) -> int:
@@ -113,6 +147,7 @@ def text_probes(
     *,
     max_probe_tokens: int | None = None,
     max_context: int | None = None,
+    media: ProbeMedia | None = None,
 ) -> TrajectoryProbes:
     """Probes from text: `cuts` are the character offsets b, end_1, .., end_K."""
     refs = encode_references(tokenizer, references)
@@ -125,7 +160,7 @@ def text_probes(
         check_context(len(encode_text(tokenizer, texts[-1:])[0]) + max(map(len, refs)), max_context)
     contexts = encode_text(tokenizer, texts)
     trunk = encode_text(tokenizer, [prompt + completion[: cuts[-1]]])[0]
-    return TrajectoryProbes(trunk, contexts, refs)
+    return TrajectoryProbes(trunk, contexts, refs, media)
 
 
 class _Decoder:
@@ -197,6 +232,7 @@ def ids_probes(
     references: Sequence[str],
     *,
     max_probe_tokens: int | None = None,
+    media: ProbeMedia | None = None,
 ) -> tuple[TrajectoryProbes, list[tuple[int, int]]]:
     """Probes from the policy's token ids; also returns each step's [token_start, token_end)."""
     refs = encode_references(tokenizer, references)
@@ -241,4 +277,4 @@ def ids_probes(
     ids = list(completion_ids)
     contexts = [prompt_ids + ids[:c] + prefix_ids for c in cut_tokens]
     trunk = prompt_ids + ids[: cut_tokens[-1]]
-    return TrajectoryProbes(trunk, contexts, refs), spans
+    return TrajectoryProbes(trunk, contexts, refs, media), spans

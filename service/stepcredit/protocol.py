@@ -5,7 +5,9 @@ envelope (`items` a non-empty list, request `options`) is the request's own
 (HTTP 422 when it is wrong), and each item is validated on its own by
 `parse_items`, so a bad item becomes that item's `invalid_item` error, naming
 the field, while the other items are scored. Limits that depend on
-configuration are checked by `check_item`, which names the offending field.
+configuration are checked by `check_item`, which names the offending field,
+and the item's inline images by `media.item_images` (count, bytes, pixels,
+data-URI form, image header), so a bad image fails its item before any model work.
 
 Every text field must be encodable as UTF-8 (JSON lets a request carry a lone
 surrogate such as "\ud800", which no tokenizer or JSON encoder accepts), and
@@ -22,18 +24,26 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
     SkipValidation,
     Strict,
     StrictFloat,
+    Tag,
     ValidationError,
+    WithJsonSchema,
     model_validator,
 )
 
+from . import media
 from .config import Limits
 
 __all__ = [
     "ChatMessage",
+    "TextPart",
+    "ImageUrl",
+    "ImageUrlPart",
+    "ImagePart",
     "ItemOptions",
     "ScoreItem",
     "ScoreRequest",
@@ -53,6 +63,7 @@ __all__ = [
     "parse_items",
     "describe_validation_error",
     "field_path",
+    "text_chars",
 ]
 
 Format = Literal["think_answer", "boxed", "regex"]
@@ -88,9 +99,102 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+DATA_URI_DOC = (
+    "An image inline as a base64 data URI, `data:image/<png|jpeg|webp|gif|bmp>;base64,<data>` "
+    "(standard alphabet, `=` padding, no whitespace). The service never fetches a URL: "
+    "`http(s)://`, `file://` and any other scheme fail the item."
+)
+# The schema states the form; `media.item_images` checks it (with a message that says
+# why a URL is refused), so the item fails alone as `invalid_item`, like the limits.
+DataUri = Annotated[
+    Text,
+    WithJsonSchema({"type": "string", "pattern": r"^data:image/[^;,]+(;[^;,]*)*;base64,", "description": DATA_URI_DOC}),
+]
+
+
+class TextPart(_Strict):
+    """Text of a message given as content parts."""
+
+    type: Literal["text"]
+    text: Text
+
+
+class ImageUrl(_Strict):
+    url: DataUri
+    detail: Literal["auto", "low", "high"] | None = Field(
+        None, description="OpenAI's resolution hint: accepted and ignored (the scorer's image processor decides)."
+    )
+
+
+class ImageUrlPart(_Strict):
+    """An image inline in the message (OpenAI's `image_url` content part)."""
+
+    type: Literal["image_url"]
+    image_url: ImageUrl
+
+
+class ImagePart(_Strict):
+    """A bare image placeholder (TRL's conversational shape): the k-th one of the item
+    takes the item's `images[k]`."""
+
+    type: Literal["image"]
+
+
+# Each union below is chosen by a tag, so an error names only the branch the input took.
+# Pydantic puts the tag into the error location; these tag names are dropped from the
+# field paths we report (`field_path`), which then read like the JSON
+# (`messages[0].content[1].image_url.url`).
+_PART_TAGS = {"text": "type=text", "image_url": "type=image_url", "image": "type=image"}
+_CONTENT_TAGS = {"text": "content=text", "parts": "content=parts"}
+_UNION_TAGS = frozenset(_PART_TAGS.values()) | frozenset(_CONTENT_TAGS.values())
+
+
+def _part_tag(value: object) -> str | None:
+    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    return _PART_TAGS.get(kind) if isinstance(kind, str) else None
+
+
+def _content_tag(value: object) -> str | None:
+    if isinstance(value, str):
+        return _CONTENT_TAGS["text"]
+    return _CONTENT_TAGS["parts"] if isinstance(value, list) else None
+
+
+ContentPart = Annotated[
+    Annotated[TextPart, Tag(_PART_TAGS["text"])]
+    | Annotated[ImageUrlPart, Tag(_PART_TAGS["image_url"])]
+    | Annotated[ImagePart, Tag(_PART_TAGS["image"])],
+    Discriminator(
+        _part_tag,
+        custom_error_type="content_part_type",
+        custom_error_message="a content part is an object whose `type` is `text`, `image_url` or `image`",
+    ),
+]
+Content = Annotated[
+    Annotated[Text, Tag(_CONTENT_TAGS["text"])]
+    | Annotated[list[ContentPart], Field(min_length=1, max_length=64), Tag(_CONTENT_TAGS["parts"])],
+    Discriminator(
+        _content_tag,
+        custom_error_type="content_type",
+        custom_error_message="`content` is a string or a list of content parts",
+    ),
+]
+
+
 class ChatMessage(_Strict):
     role: Text = Field(min_length=1, max_length=64)
-    content: Text
+    content: Content = Field(
+        description="A string, or 1 to 64 content parts: `{type: text, text}`, "
+        "`{type: image_url, image_url: {url: <data URI>}}`, or `{type: image}` (takes the item's next `images` entry)."
+    )
+
+
+def text_chars(content: str | list) -> int:
+    """Characters of a message's text: its string, or the sum of its text parts (images
+    have limits of their own)."""
+    if isinstance(content, str):
+        return len(content)
+    return sum(len(part.text) for part in content if isinstance(part, TextPart))
 
 
 class ItemOptions(_Strict):
@@ -119,6 +223,13 @@ class ScoreItem(_Strict):
     references: list[Text] = Field(min_length=1)
     completion_token_ids: list[whole_number(0)] | None = None
     options: ItemOptions | None = None
+    images: list[DataUri] | None = Field(
+        None,
+        description="Inline images as data URIs. With `prompt`: one per image placeholder in the prompt "
+        "(`<image>` or the model's own, e.g. Qwen2-VL's `<|vision_start|><|image_pad|><|vision_end|>`), in order. "
+        "With `messages`: one per bare `{type: image}` part, in order. At most `max_images_per_item` images "
+        "per item (parts included), each at most `max_image_bytes` decoded and `max_image_pixels` pixels.",
+    )
 
     @model_validator(mode="after")
     def _one_prompt_form(self) -> ScoreItem:
@@ -259,7 +370,7 @@ class LimitError(ValueError):
 def field_path(loc: Sequence[str | int], where: str = "") -> str:
     """A pydantic error location as a field name: ("references", 0) under "items[3]"
     is "items[3].references[0]"; an empty one is `where`, or "body"."""
-    path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc)
+    path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc if p not in _UNION_TAGS)
     return f"{where}{path}".lstrip(".") or "body"
 
 
@@ -285,7 +396,9 @@ def _echo_id(raw: Any) -> str | None:
 
 
 def parse_item(raw: Any, limits: Limits, where: str) -> ScoreItem | ScoreResult:
-    """Validate one raw item: a ScoreItem, or its `invalid_item` result naming the field."""
+    """Validate one raw item: a ScoreItem, or its `invalid_item` (or `invalid_image`) result
+    naming the field. Its images are decoded from base64 and their headers read here (no
+    pixel is decoded), so a bad image fails before any model work."""
     if not isinstance(raw, dict):
         return ScoreResult.failure(None, "invalid_item", f"{where}: an item must be a JSON object")
     try:
@@ -296,6 +409,10 @@ def parse_item(raw: Any, limits: Limits, where: str) -> ScoreItem | ScoreResult:
         check_item(item, limits, where)
     except LimitError as exc:
         return ScoreResult.failure(item.id, "invalid_item", str(exc))
+    try:
+        media.item_images(item, limits, where)
+    except media.MediaError as exc:
+        return ScoreResult.failure(item.id, exc.code, str(exc))
     return item
 
 
@@ -316,7 +433,10 @@ def check_limits(request: ScoreRequest, limits: Limits) -> None:
 
 
 def check_item(item: ScoreItem, limits: Limits, where: str) -> None:
-    prompt_chars = len(item.prompt or "") + sum(len(m.content) for m in item.messages or [])
+    """The item's configured text limits. `max_chars_per_item` counts text only (the
+    prompt or the messages' text parts, and the completion); images are checked by
+    `media.item_images` against their own limits."""
+    prompt_chars = len(item.prompt or "") + sum(text_chars(m.content) for m in item.messages or [])
     chars = prompt_chars + len(item.completion)
     if chars > limits.max_chars_per_item:
         raise LimitError(

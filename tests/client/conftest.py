@@ -93,6 +93,14 @@ def live_server(tiny_model_path):
     stop_server(server)
 
 
+@pytest.fixture(scope="session")
+def live_vl_server(tiny_vl_path):
+    """The service on the tiny random Qwen2-VL (tests/conftest.py `build_tiny_vl`)."""
+    server = start_server(tiny_vl_path)
+    yield server
+    stop_server(server)
+
+
 @pytest.fixture
 def doomed_server(tiny_model_path):
     """A server of its own, for tests that kill it."""

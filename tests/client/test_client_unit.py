@@ -63,7 +63,9 @@ def test_client_wire_types_have_the_service_fields():
     # The client mirrors SPEC section 7 without importing the service: keep the two in step.
     from stepcredit import protocol
 
-    for name in ("ScoreResult", "StepResult", "ScoreItem", "ItemOptions", "Usage", "ModelInfo", "ErrorInfo"):
+    names = ("ScoreResult", "StepResult", "ScoreItem", "ItemOptions", "Usage", "ModelInfo", "ErrorInfo",
+             "ChatMessage", "TextPart", "ImageUrl", "ImageUrlPart", "ImagePart")  # fmt: skip
+    for name in names:
         server, client = getattr(protocol, name), getattr(stepcredit_client, name)
         assert set(client.model_fields) == set(server.model_fields), name
 

@@ -84,7 +84,9 @@ def busy_worker(server: subprocess.Popen, within_s: float = 30) -> psutil.Proces
     while time.monotonic() < deadline:
         workers = pool_workers(server)
         before = [cpu_seconds(w) for w in workers]
-        time.sleep(0.3)
+        # Half a second, a third of it on the CPU: a loaded 2-core machine starves the
+        # worker too, and a shorter window missed it for 30 s.
+        time.sleep(0.5)
         busy = [w for w, b in zip(workers, before) if cpu_seconds(w) - b > 0.15]
         if len(busy) == 1:
             return busy[0]

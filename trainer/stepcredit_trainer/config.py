@@ -37,7 +37,8 @@ class PolicyConfig(_Section):
     model: str = Field(
         "default",
         description="`default`: the embedded SmolLM2-135M-Instruct (converted by `stepcredit prepare-model`); "
-        "else a local HF causal-LM folder. Never downloaded.",
+        "else a local HF causal-LM folder, or a vision-language one (Qwen2-VL, Qwen2.5-VL, with its "
+        "preprocessor_config.json) for tasks with images. Never downloaded.",
     )
     device: str = Field("cpu", description="torch device of the policy: cpu, cuda, cuda:1, ...")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Policy weights' dtype.")
@@ -56,7 +57,8 @@ class PolicyConfig(_Section):
 
 class TaskConfig(_Section):
     name: str = Field(
-        "chain_sum", min_length=1, description="Any reasoning-gym dataset name (default picked by measurement: BENCHMARKS.md)."
+        "chain_sum", min_length=1, description="Any reasoning-gym dataset name (default picked by measurement: "
+        "BENCHMARKS.md), or `clevr_count`: seeded CLEVR-like scenes with counting questions (needs a VL policy)."
     )
     params: dict[str, object] = Field(
         default_factory=lambda: {"min_terms": 3, "max_terms": 3, "min_digits": 1, "max_digits": 1},

@@ -2,7 +2,9 @@
 
 `score_rollouts` is the trainer's only contact with the service: it sends the
 policy's own token ids (the policy and the scorer share a tokenizer, checked
-at start), so the service reports step ends as indices into those tokens.
+at start), so the service reports step ends as indices into those tokens. A
+problem's images go with its items as `images` (inline data URIs); the prompt
+marks their places with the chat template's placeholder, as the service expects.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ def score_rollouts(client: Client, rollouts: Sequence[Rollout], options: dict) -
             "completion": r.completion,
             "references": list(r.problem.references),
             "completion_token_ids": r.completion_ids,
+            **({"images": list(r.problem.images)} if r.problem.images else {}),
         }
         for i, r in enumerate(rollouts)
     ]
@@ -80,6 +83,7 @@ class PageSample:
                 "prompt": rollout.prompt,
                 "completion": rollout.completion,
                 "references": list(rollout.problem.references),
+                **({"images": list(rollout.problem.images)} if rollout.problem.images else {}),
             })  # fmt: skip
             if result is None:
                 message = scored.request_error or "no result arrived for this item"

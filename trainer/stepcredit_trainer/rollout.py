@@ -5,10 +5,24 @@ left-padded to one width, then the completion (forced `response_prefix`
 tokens, then the sampled ones, EOS included when sampled) right-padded to
 the longest. Completion token t of every row then sits in the same column,
 so per-token log-probs come out as one [B, T] tensor.
+
+A vision-language policy (Qwen2-VL, Qwen2.5-VL) sees a problem's images as its
+chat template's placeholder, expanded in the prompt ids to one `<|image_pad|>` per
+merged patch of the image (what its processor, the service's `vision.py` and vLLM
+do), with the image processor's pixel values beside them. `Rollout.prompt` keeps the
+unexpanded placeholder: it goes to the service with the images, which expands it
+with the same processor. The model's multimodal rotary positions come from
+`get_rope_index`, which reads the attention mask, so padding works as for text.
+torchvision is not needed: transformers' image auto class falls back to its
+Pillow processors (`Qwen2VLImageProcessorPil`).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +31,68 @@ import torch
 
 from .tasks import Problem
 
-__all__ = ["Rollout", "Policy", "load_policy", "resolve_policy_path"]
+__all__ = ["ImageInputs", "PolicyVision", "Rollout", "Policy", "load_policy", "resolve_policy_path"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+VL_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+"""Vision-language families whose inputs this module builds (the service's `vision.py` reads the same)."""
+
+
+@dataclass(frozen=True)
+class ImageInputs:
+    """One problem's images as the model takes them (shared by the rows of its group)."""
+
+    pixel_values: torch.Tensor
+    """[patches of all its images, channels * temporal * patch^2], from the image processor."""
+    grid_thw: torch.Tensor
+    """[images, 3]: each image's patch grid (temporal, height, width)."""
+
+
+@dataclass(frozen=True)
+class PolicyVision:
+    """A vision-language policy's image conventions."""
+
+    processor: object
+    image_token: str
+    image_token_id: int
+    merge_size: int
+
+    def encode(self, problem: Problem) -> ImageInputs:
+        """Decode the problem's data URIs and run the image processor, one image at a time
+        (the processor concatenates patches across the images of one call)."""
+        pixels, grids = [], []
+        for k, uri in enumerate(problem.images):
+            out = self.processor(images=[_decode(uri, f"{problem.id}: image {k}")], return_tensors="pt")
+            pixels.append(out["pixel_values"])
+            grids.append(out["image_grid_thw"])
+        return ImageInputs(torch.cat(pixels), torch.cat(grids).long())
+
+    def expand(self, prompt: str, images: ImageInputs) -> str:
+        """The prompt with each image's placeholder token repeated once per merged patch."""
+        pieces = prompt.split(self.image_token)
+        if len(pieces) - 1 != len(images.grid_thw):
+            raise ValueError(
+                f"the chat template rendered {len(pieces) - 1} image placeholders for {len(images.grid_thw)} images"
+            )
+        out = [pieces[0]]
+        for grid, piece in zip(images.grid_thw.tolist(), pieces[1:]):
+            out += [self.image_token * (grid[0] * grid[1] * grid[2] // self.merge_size**2), piece]
+        return "".join(out)
+
+
+def _decode(uri: str, where: str):
+    """An inline `data:image/...;base64,` URI as an RGB PIL image (never a fetched URL)."""
+    from PIL import Image, UnidentifiedImageError
+
+    head, comma, data = uri.partition(",")
+    if not (comma and head.startswith("data:image/") and head.endswith(";base64")):
+        raise ValueError(f"{where}: not an inline base64 image data URI ({uri[:40]!r}...)")
+    try:
+        image = Image.open(io.BytesIO(base64.b64decode(data, validate=True)))
+        image.load()
+    except (binascii.Error, UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"{where}: undecodable image: {exc}") from None
+    return image.convert("RGB")
 
 
 @dataclass
@@ -28,12 +101,15 @@ class Rollout:
     prompt: str
     """Chat-templated text the policy saw (what the service is sent as `prompt`)."""
     prompt_ids: list[int]
+    """The prompt's ids as the policy reads them (image placeholders expanded)."""
     prefix_ids: list[int]
     """Forced response-prefix tokens: scored by the service, never trained on."""
     sampled_ids: list[int]
     completion: str
     truncated: bool
     """Stopped by max_new_tokens, not by EOS."""
+    images: ImageInputs | None = None
+    """The problem's images as the policy's model takes them (None: a text problem)."""
 
     @property
     def completion_ids(self) -> list[int]:
@@ -59,14 +135,24 @@ def resolve_policy_path(model: str) -> Path:
 
 
 class Policy:
-    def __init__(self, model, tokenizer, device: torch.device) -> None:
-        self.model, self.tokenizer, self.device = model, tokenizer, device
+    def __init__(self, model, tokenizer, device: torch.device, vision: PolicyVision | None = None) -> None:
+        self.model, self.tokenizer, self.device, self.vision = model, tokenizer, device, vision
         if tokenizer.eos_token_id is None:
             raise ValueError("the policy's tokenizer has no EOS token: completions could not stop")
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def render(self, problem: Problem, system_prompt: str) -> str:
-        messages = [{"role": "user", "content": problem.question}]
+        """The chat-templated prompt; a problem's images come first in its user message, as
+        TRL's bare `{"type": "image"}` parts (the template writes its placeholder for each)."""
+        content: str | list[dict] = problem.question
+        if problem.images:
+            if self.vision is None:
+                raise ValueError(
+                    f"problem {problem.id} has images and the policy is a text-only model: "
+                    f"use a vision-language policy ({', '.join(VL_MODEL_TYPES)})"
+                )
+            content = [{"type": "image"} for _ in problem.images] + [{"type": "text", "text": problem.question}]
+        messages = [{"role": "user", "content": content}]
         if system_prompt:
             messages.insert(0, {"role": "system", "content": system_prompt})
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -94,9 +180,13 @@ class Policy:
         """`group_size` completions per problem, grouped contiguously in problem order."""
         prefix_ids = self.tokenizer(response_prefix, add_special_tokens=False)["input_ids"] if response_prefix else []
         prompts = [self.render(p, system_prompt) for p in problems]
-        prompt_ids = [self.encode_prompt(text) for text in prompts]
+        images = [self.vision.encode(p) if p.images and self.vision else None for p in problems]
+        prompt_ids = [
+            self.encode_prompt(self.vision.expand(text, im) if im is not None else text)
+            for text, im in zip(prompts, images)
+        ]
         starts = [
-            Rollout(problems[i], prompts[i], prompt_ids[i], list(prefix_ids), [], "", False)
+            Rollout(problems[i], prompts[i], prompt_ids[i], list(prefix_ids), [], "", False, images[i])
             for i in range(len(problems))
             for _ in range(group_size)
         ]
@@ -129,6 +219,7 @@ class Policy:
             max_new_tokens=max_new_tokens,
             eos_token_id=self.tokenizer.eos_token_id,
             pad_token_id=self.pad_id,
+            **self.image_inputs(starts, input_ids),
             **sampling,
         )
         rollouts = []
@@ -145,6 +236,7 @@ class Policy:
                     sampled_ids=sampled,
                     completion=self.tokenizer.decode(completion_ids, skip_special_tokens=False),
                     truncated=eos not in sampled,
+                    images=start.images,
                 )
             )
         return rollouts
@@ -167,24 +259,77 @@ class Policy:
 
         return tensor(ids), tensor(attention), tensor(completion), tensor(sampled, torch.float32), width
 
-    def token_logprobs(self, input_ids, attention_mask, completion_ids, temperature: float) -> torch.Tensor:
+    def image_inputs(self, rollouts: Sequence[Rollout], input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The model's image arguments for these rows of `input_ids` (rows in rollout order):
+        the images of every row that has some, in row order, and the token types that tell
+        the model where they go. Empty for a text-only policy."""
+        if self.vision is None:
+            return {}
+        out: dict[str, torch.Tensor] = {"mm_token_type_ids": (input_ids == self.vision.image_token_id).int()}
+        rows = [r.images for r in rollouts if r.images is not None]
+        if rows:
+            out["pixel_values"] = torch.cat([im.pixel_values for im in rows]).to(self.device)
+            out["image_grid_thw"] = torch.cat([im.grid_thw for im in rows]).to(self.device)
+        return out
+
+    def token_logprobs(
+        self, input_ids, attention_mask, completion_ids, temperature: float, rollouts: Sequence[Rollout] | None = None
+    ) -> torch.Tensor:
         """log π(token) of every completion column, [B, T]; grads flow when enabled.
 
         Logits are divided by the sampling temperature, as TRL does, so the
-        ratio compares the distribution the tokens were drawn from."""
-        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        ratio compares the distribution the tokens were drawn from. A vision-language
+        policy needs the `rollouts` of these rows (their images)."""
         length = completion_ids.shape[1]
+        images: dict[str, torch.Tensor] = {}
+        if self.vision is None:
+            positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        else:
+            if rollouts is None or len(rollouts) != input_ids.shape[0]:
+                raise ValueError("a vision-language policy needs the rollouts of the rows it scores (their images)")
+            images = self.image_inputs(rollouts, input_ids)
+            # Multimodal rotary positions [3, B, L], read over the attention mask (left padding skipped).
+            positions, _ = self.model.model.get_rope_index(
+                input_ids, images["mm_token_type_ids"], images.get("image_grid_thw"), attention_mask=attention_mask
+            )
         logits = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, logits_to_keep=length + 1
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            logits_to_keep=length + 1,
+            **images,
         ).logits[:, :-1, :]
         logits = logits.float() / temperature
         return torch.log_softmax(logits, dim=-1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
 
 
 def load_policy(path: Path, device: str = "cpu", dtype: str = "float32") -> Policy:
+    """A causal LM, or a vision-language model (Qwen2-VL, Qwen2.5-VL) with its image processor."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target = torch.device(device)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype]).to(target)
-    return Policy(model, tokenizer, target)
+    try:
+        model_type = json.loads((Path(path) / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError):
+        model_type = None  # from_pretrained says what is wrong with the folder
+    if model_type not in VL_MODEL_TYPES:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype]).to(target)
+        return Policy(model, tokenizer, target)
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=_DTYPES[dtype]).to(target)
+    try:
+        processor = AutoImageProcessor.from_pretrained(path)
+    except Exception as exc:  # no preprocessor_config.json, or a processor that needs torchvision
+        raise ValueError(
+            f"policy.model: {path} is a vision-language model without a usable image processor: {exc}"
+        ) from exc
+    image_token = "<|image_pad|>"
+    image_token_id = model.config.image_token_id
+    if tokenizer.convert_tokens_to_ids(image_token) != image_token_id:
+        raise ValueError(
+            f"policy.model: {path}: the tokenizer's {image_token} is not the model's image_token_id {image_token_id}"
+        )
+    vision = PolicyVision(processor, image_token, image_token_id, int(getattr(processor, "merge_size", 2)))
+    return Policy(model, tokenizer, target, vision)

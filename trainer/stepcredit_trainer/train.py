@@ -92,6 +92,8 @@ def _save(policy: Policy, folder: Path, meta: dict | None = None) -> Path:
     shutil.rmtree(staging, ignore_errors=True)
     policy.model.save_pretrained(staging, safe_serialization=True)
     policy.tokenizer.save_pretrained(staging)
+    if policy.vision is not None:  # the service (and a reload of the policy) reads images with it
+        policy.vision.processor.save_pretrained(staging)
     if meta is not None:
         (staging / "stepcredit_trainer.json").write_text(json.dumps(meta, indent=2, default=str))
     shutil.rmtree(folder, ignore_errors=True)
@@ -131,6 +133,11 @@ def train(
     train_split = load_split(config.task, "train")
     eval_split = load_split(config.task, "eval")[: config.run.eval_prompts]
     policy = load_policy(resolve_policy_path(config.policy.model), config.policy.device, config.policy.dtype)
+    if policy.vision is None and any(p.images for p in (*train_split, *eval_split)):
+        raise TrainError(
+            f"task {config.task.name!r} asks about images and policy.model is a text-only model: "
+            "use a vision-language policy (Qwen2-VL, Qwen2.5-VL)"
+        )
     reference = None
     if config.objective.kl_beta > 0:
         reference = copy.deepcopy(policy.model).eval().requires_grad_(False)
@@ -235,11 +242,12 @@ def train(
         size = config.optim.micro_batch_size
         for lo in range(0, len(rollouts), size):
             rows = slice(lo, lo + size)
-            logp = policy.token_logprobs(input_ids[rows], attention[rows], completion_ids[rows], config.rollout.temperature)
+            batch = (input_ids[rows], attention[rows], completion_ids[rows])
+            logp = policy.token_logprobs(*batch, config.rollout.temperature, rollouts[rows])
             ref_logp = None
             if reference is not None:
                 with torch.no_grad():
-                    ref_logp = _ref_logprobs(reference, policy, input_ids[rows], attention[rows], completion_ids[rows], config)
+                    ref_logp = _ref_logprobs(reference, policy, *batch, rollouts[rows], config)
             loss, parts = total_loss(
                 logp,
                 None,
@@ -307,12 +315,14 @@ def train(
     return last
 
 
-def _ref_logprobs(reference, policy: Policy, input_ids, attention, completion_ids, config: TrainConfig) -> torch.Tensor:
+def _ref_logprobs(
+    reference, policy: Policy, input_ids, attention, completion_ids, rollouts, config: TrainConfig
+) -> torch.Tensor:
     """The initial policy's log-probs of the same tokens (for the KL term)."""
     live = policy.model
     policy.model = reference
     try:
-        return policy.token_logprobs(input_ids, attention, completion_ids, config.rollout.temperature)
+        return policy.token_logprobs(input_ids, attention, completion_ids, config.rollout.temperature, rollouts)
     finally:
         policy.model = live
 

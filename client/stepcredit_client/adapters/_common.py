@@ -1,6 +1,6 @@
 """What the adapters share: settings for adapters a trainer loads by path (no
 constructor arguments: keyword arguments win, then STEPCREDIT_* environment
-variables), one async client per event loop, references, logged signals."""
+variables), one async client per event loop, references, images, logged signals."""
 
 from __future__ import annotations
 
@@ -8,16 +8,27 @@ import asyncio
 import math
 import os
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from .._client import AsyncClient
 from .._config import ClientConfig, Retry
+from .._images import image_data_uri
 from .._models import ItemOptions, ScoreResult
 from ..rewards import RewardWeights, scalar_reward
 
-__all__ = ["AdapterSettings", "client_for_loop", "references_of", "extra_signals"]
+__all__ = [
+    "AdapterSettings",
+    "client_for_loop",
+    "references_of",
+    "extra_signals",
+    "image_uri",
+    "image_uris",
+    "chat_images",
+    "has_image_payload",
+    "message_text",
+]
 
 
 @dataclass(frozen=True)
@@ -111,3 +122,101 @@ def extra_signals(result: ScoreResult, weights: RewardWeights) -> dict[str, floa
         "sft_gate": float(result.sft_gate),
         "num_steps": float(len(result.steps)),
     }
+
+
+# ------------------------------------------------------------------ images
+# Trainers hand images over as PIL images (TRL, verl, slime), paths or URLs in content
+# parts (verl, slime via qwen-vl-utils), or datasets' undecoded {"bytes", "path"} rows.
+# All become inline data URIs here: the service fetches nothing.
+
+_PAYLOAD_KEYS = ("bytes", "image", "image_url", "path", "url")
+"""Where a part or a row keeps its image, in order of preference: the file's own bytes
+first (verl keeps them beside the decoded PIL image), so they go unchanged."""
+
+
+def image_uri(value: Any) -> str:
+    """One image, in any form a trainer gives, as a data URI (`image_data_uri`); a mapping
+    is a datasets / verl row (`bytes`, `path`) or an OpenAI `image_url` object (`url`)."""
+    if isinstance(value, Mapping):
+        for key in _PAYLOAD_KEYS:
+            if value.get(key) is not None:
+                return image_uri(value[key])
+        raise ValueError(f"an image mapping holds none of {list(_PAYLOAD_KEYS)}: keys {sorted(value)}")
+    return image_data_uri(value)
+
+
+def image_uris(images: Any) -> list[str] | None:
+    """A row's images (one image, a list or array of them, or None) as data URIs; None for none."""
+    if images is None:
+        return None
+    if getattr(images, "ndim", 0) >= 1 and hasattr(images, "tolist"):  # a NumPy array (verl's batches)
+        images = images.tolist()
+    if not isinstance(images, list | tuple):
+        images = [images]
+    uris = [image_uri(image) for image in images if image is not None]
+    return uris or None
+
+
+def _payload(part: Mapping) -> Any:
+    return next((part[key] for key in _PAYLOAD_KEYS if part.get(key) is not None), None)
+
+
+def has_image_payload(messages: Sequence[Mapping]) -> bool:
+    """Whether any image part of `messages` carries its image (rather than a bare placeholder)."""
+    return any(
+        isinstance(part, Mapping) and part.get("type") in ("image", "image_url") and _payload(part) is not None
+        for message in messages
+        if isinstance(message.get("content"), list)
+        for part in message["content"]
+    )
+
+
+def chat_images(messages: Sequence[Mapping], images: Sequence[str] | None = None) -> tuple[list[dict], list[str]]:
+    """(messages in the wire shape, their images in order). Text parts stay text parts;
+    an image part that carries its image (`image`, `image_url`, verl's `bytes`/`path`)
+    becomes an inline `image_url` part; a bare `{"type": "image"}` takes the next of
+    `images` (data URIs), as TRL fills its placeholders. Sizing hints beside an image
+    (qwen-vl-utils' `min_pixels`, ...) are dropped: the scorer's own processor sizes it.
+    Video or audio parts raise: the service scores text and images."""
+    queue = list(images or [])
+    wire, uris = [], []
+    for message in messages:
+        content = message.get("content")
+        if getattr(content, "ndim", 0) >= 1:  # a list read back from parquet as an array
+            content = content.tolist()
+        if not isinstance(content, list):
+            wire.append({"role": message["role"], "content": "" if content is None else str(content)})
+            continue
+        parts = []
+        for part in content:
+            kind = part.get("type") if isinstance(part, Mapping) else None
+            if kind == "text":
+                parts.append({"type": "text", "text": str(part.get("text") or "")})
+                continue
+            if kind not in ("image", "image_url"):
+                raise ValueError(f"a {kind!r} content part cannot be scored: StepCredit takes text and image parts")
+            payload = _payload(part)
+            if payload is None:
+                if not queue:
+                    given = len(images or [])
+                    raise ValueError(f"more image placeholders in the messages than the {given} images given")
+                uri = queue.pop(0)
+            else:
+                uri = image_uri(payload)
+            uris.append(uri)
+            parts.append({"type": "image_url", "image_url": {"url": uri}})
+        wire.append({"role": message["role"], "content": parts})
+    if queue:
+        raise ValueError(f"{len(queue)} of the {len(images or [])} images given have no placeholder in the messages")
+    return wire, uris
+
+
+def message_text(message: Mapping) -> str:
+    """A completion message's text. An image in a completion (a tool's answer) raises:
+    the completion is scored as text."""
+    content = message.get("content")
+    if not isinstance(content, list):
+        return "" if content is None else str(content)
+    if any(isinstance(part, Mapping) and part.get("type") != "text" for part in content):
+        raise ValueError("a completion holding images cannot be scored: StepCredit scores completions as text")
+    return "".join(str(part.get("text") or "") for part in content)

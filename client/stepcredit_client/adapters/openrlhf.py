@@ -14,6 +14,11 @@ Settings come from STEPCREDIT_URL, STEPCREDIT_API_KEY, STEPCREDIT_OUTCOME_WEIGHT
 STEPCREDIT_MIG_WEIGHT, STEPCREDIT_TIMEOUT_S, STEPCREDIT_MAX_ATTEMPTS (this
 route, unlike the HTTP one, can send the API key). An item that cannot be
 scored raises: OpenRLHF then records no reward for it rather than a wrong one.
+
+No images: OpenRLHF trains vision-language policies (`--data.image_key`), but
+`reward_func` receives text only (agent.py calls it with queries, prompts and
+labels; the images stay with the rollout). A prompt holding Qwen-VL's image
+placeholder is therefore refused rather than scored without its image.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from stepcredit_client.adapters._common import AdapterSettings, references_of
 from stepcredit_client.rewards import require_ok, scalar_reward
 
 __all__ = ["reward_func", "split_query"]
+
+_IMAGE_TOKEN = "<|image_pad|>"  # Qwen2-VL / 2.5-VL / 3.5: the vision scorers StepCredit serves
 
 _LOCAL = threading.local()  # OpenRLHF calls from worker threads: one client per thread
 
@@ -55,6 +62,11 @@ def reward_func(queries: list[str], prompts: list[str], labels: list, **kwargs: 
     settings = AdapterSettings.load(kwargs)
     items = []
     for query, prompt, label in zip(queries, prompts, labels, strict=True):
+        if _IMAGE_TOKEN in prompt:
+            raise ValueError(
+                "this prompt holds an image, and OpenRLHF passes no image to reward_func(queries, prompts, labels): "
+                "it cannot be scored here"
+            )
         prompt_text, completion = split_query(query, prompt)
         items.append(ScoreItem(prompt=prompt_text, completion=completion, references=references_of(label)))
     results = [require_ok(r) for r in _client(settings).score(items, settings.options).results]

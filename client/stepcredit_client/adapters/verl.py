@@ -16,7 +16,14 @@ every key is present, and numeric, for every sample.
 `compute_score` sees only the response text, so the prompt comes from the
 sample's `extra_info`: `extra_info["prompt"]` (the prompt as the policy saw it,
 chat template applied) or `extra_info["messages"]` (rendered with the scorer's
-template). The score is one number per response, which verl puts on its last
+template). verl hands a custom function no image (naive.py passes `extra_info`,
+never `raw_prompt` or the processed images), so an image-grounded prompt needs its
+images in `extra_info` as well: `extra_info["images"]` (a list of PNG/JPEG/... bytes,
+datasets' `{"bytes", "path"}` rows, paths or data URIs) placed where the prompt marks
+them (`<image>` or the model's own placeholder), or filling the bare
+`{"type": "image"}` parts of `extra_info["messages"]`, whose image parts may also
+carry their own image. `StepCreditRewardManager` needs none of this: it reads the
+images verl keeps in `raw_prompt`. The score is one number per response, which verl puts on its last
 token; for per-step gains on their own tokens use
 `stepcredit_client.adapters.verl_manager.StepCreditRewardManager`.
 
@@ -28,18 +35,20 @@ from __future__ import annotations
 from typing import Any
 
 from .._models import ScoreItem
-from ._common import AdapterSettings, client_for_loop, extra_signals, references_of
+from ._common import AdapterSettings, chat_images, client_for_loop, extra_signals, image_uris, references_of
 
 __all__ = ["compute_score"]
 
 
 def _prompt_fields(extra_info: dict | None) -> dict:
     info = extra_info or {}
+    images = image_uris(info.get("images"))
     if isinstance(info.get("prompt"), str):
-        return {"prompt": info["prompt"]}
+        return {"prompt": info["prompt"], "images": images}
     messages = info.get("messages")
     if messages is not None:
-        return {"messages": [{"role": m["role"], "content": str(m["content"])} for m in messages]}
+        wire, _ = chat_images(list(messages), images)
+        return {"messages": wire}
     raise ValueError(
         "StepCredit needs the prompt: put it in each sample's extra_info as 'prompt' "
         "(chat template applied) or 'messages'"

@@ -24,11 +24,23 @@ verl's streaming agent-loop reward path (agent_loop.py) places one scalar per
 sample itself, so set `token_level: false` there: `reward_score` is then the
 scalar total, which verl puts on the last token.
 
+Images (vision-language policies): verl 0.9.1's RLHFDataset (verl/utils/dataset/rl_dataset.py,
+`_build_messages`) turns each `<image>` of the prompt into a content part of the sample's
+`raw_prompt` (`{"type": "image", "image": <PIL.Image>}`, or with the dataset row's
+`bytes`/`path` beside it, or a path), and `raw_prompt` reaches the reward loop in
+`non_tensor_batch` on both the batch and the streaming path (verl's own reward-model
+path reads it there too). The manager sends those images inline, in order, as the
+item's `images` (a row's original bytes as they are, a PIL image as PNG). The prompt
+text is still the decode of the policy's prompt ids, in which the processor has
+expanded each image into many `<|image_pad|>` tokens; each run is put back to one,
+so that the prompt marks each image once, as the service expects.
+
 Needs verl, torch and a tokenizer: import it only inside a verl job.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -38,9 +50,22 @@ from verl.experimental.reward_loop.reward_manager.base import RewardManagerBase
 from .._models import ScoreItem
 from ..alignment import DecodeAlignment
 from ..rewards import token_rewards
-from ._common import AdapterSettings, client_for_loop, extra_signals, references_of
+from ._common import AdapterSettings, chat_images, client_for_loop, extra_signals, references_of
 
 __all__ = ["StepCreditRewardManager"]
+
+# Qwen2-VL / Qwen2.5-VL (the vision scorers StepCredit serves) write one image as
+# <|vision_start|><|image_pad|>...<|image_pad|><|vision_end|>: a run is one image.
+_IMAGE_PAD_RUN = re.compile(r"(?:<\|image_pad\|>)+")
+
+
+def _images(data_item) -> list[str] | None:
+    """The sample's images as data URIs, in prompt order, from its `raw_prompt` content parts."""
+    raw_prompt = data_item.non_tensor_batch.get("raw_prompt")
+    if raw_prompt is None:
+        return None
+    _, uris = chat_images(list(raw_prompt))
+    return uris or None
 
 
 def _reward_kwargs(config) -> dict[str, Any]:
@@ -81,7 +106,10 @@ class StepCreditRewardManager(RewardManagerBase):
         # clean-up, so that the text is exactly what the ids' prefixes decode to.
         completion = self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         ground_truth = data_item.non_tensor_batch["reward_model"]["ground_truth"]
-        item = ScoreItem(prompt=prompt, completion=completion, references=references_of(ground_truth))
+        images = _images(data_item)
+        if images:
+            prompt = _IMAGE_PAD_RUN.sub("<|image_pad|>", prompt)
+        item = ScoreItem(prompt=prompt, completion=completion, references=references_of(ground_truth), images=images)
         (result,) = (await client_for_loop(self.settings).score([item], self.settings.options)).results
 
         extra = extra_signals(result, self.settings.weights)  # raises ItemFailedError for a failed item

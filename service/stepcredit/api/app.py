@@ -437,6 +437,7 @@ def _document_limits(app: FastAPI, limits) -> None:
                 bound(props["references"], maxItems=limits.max_references_per_item)
                 props["references"]["items"]["maxLength"] = limits.max_reference_chars
                 bound(props["completion_token_ids"], maxItems=limits.max_token_ids)
+                bound(props["images"], maxItems=limits.max_images_per_item)
             options = schemas["ItemOptions"]["properties"]
             bound(options["max_steps"], maximum=limits.max_steps_limit)
             for name in ("cot_pattern", "answer_pattern"):

@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Tag, TypeAdapter, Val
 
 from ..config import Limits
 from ..engine import ScoreBatch, Scorer
+from ..media import MediaError, item_images
 from ..protocol import REVISION_HEADER, ChatMessage, LimitError, ScoreItem, ScoreResult, check_item
 from .errors import error_responses
 
@@ -167,6 +168,10 @@ def _item(fields: dict[str, str], where: str, limits: Limits, **given: Any) -> S
         detail = str(exc).removeprefix(f"{exc.field}: ")
         field = fields["references"] if ".references" in exc.field else exc.field
         raise _Rejected(exc.status, "limit_exceeded", f"{field}: {detail}", field=field) from None
+    try:  # images in a message: refused here, naming the field, before any model work
+        item_images(item, limits, where)
+    except MediaError as exc:
+        raise _Rejected(422, exc.code, str(exc), field=exc.field) from None
     return item
 
 

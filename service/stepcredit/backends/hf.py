@@ -34,6 +34,7 @@ import copy
 import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -42,6 +43,7 @@ from ..checkpoints import IncompatibleModel, available_memory
 from ..probes import TrajectoryProbes
 from ..models import weights_revision
 from ..protocol import ModelInfo
+from ..vision import Vision, load_vision
 from .base import Abandoned, Backend, BackendDeadError, BackendError, BatchLogliks, abandoned_error
 from .packing import PackingRule, Segment, plan_batch
 
@@ -145,6 +147,22 @@ def _attention_implementation(config) -> str:
 _UNLOADED = ("missing_keys", "mismatched_keys")
 
 
+@dataclass
+class _Visual:
+    """A trajectory's encoded images and where they sit (hf.HFBackend._encode)."""
+
+    embeds: torch.Tensor
+    """[image pad tokens, hidden]: the vision tower's output, in prompt order."""
+    positions: torch.Tensor
+    """[3, end]: rotary positions (time, height, width) of the first `end` tokens."""
+    slots: torch.Tensor
+    """[end]: which row of `embeds` fills each of those tokens (-1: a text token)."""
+    end: int
+    """Tokens up to and including the last image pad."""
+    delta: int
+    """Token p >= end has position p + delta on all three axes."""
+
+
 class HeadMismatchError(RuntimeError):
     """The fast vocabulary projection does not reproduce the model's own logits."""
 
@@ -197,7 +215,7 @@ class HFBackend(Backend):
         name `/v1/model` reports (default: a fingerprint of the folder);
         `safetensors_only`: refuse pickled weights and any weight the folder lacks
         (a reload from a path a client named)."""
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
         if strategy not in ("packed", "per-prefix"):
             raise ValueError(f"unknown strategy {strategy!r}")
@@ -220,7 +238,11 @@ class HFBackend(Backend):
         )  # fmt: skip
         self.tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(path)
         self.attention = _attention_implementation(AutoConfig.from_pretrained(path))
-        loaded = AutoModelForCausalLM.from_pretrained(
+        # A vision-language model (Qwen2-VL, Qwen2.5-VL) loads through the image-text
+        # auto class, with its image processor (vision.py).
+        self.vision: Vision | None = load_vision(path, self.tokenizer)
+        auto = AutoModelForCausalLM if self.vision is None else AutoModelForImageTextToText
+        loaded = auto.from_pretrained(
             path,
             dtype=self.dtype,
             attn_implementation=self.attention,
@@ -240,6 +262,12 @@ class HFBackend(Backend):
         # token go through the vocabulary head: the full logits of a long packed row
         # would take gigabytes.
         self._decoder = self.model.base_model
+        # A VL model's text decoder takes embeddings (images scattered in) and
+        # three-axis rotary positions; its vision tower runs once per trajectory.
+        self._text = self._decoder.language_model if self.vision is not None else None
+        self.encode_s = 0.0
+        """Seconds spent encoding images (the benchmarks report its share)."""
+        self.images_encoded = 0
         self._head = self.model.get_output_embeddings()
         self._rows = int(self.model.get_input_embeddings().weight.shape[0])
         config = self.model.config
@@ -265,10 +293,11 @@ class HFBackend(Backend):
             strategy=described,
             device=str(self.device),
             dtype=dtype,
-            vocab_size=int(config.vocab_size),
-            max_context=int(getattr(config, "max_position_embeddings", 0) or 1 << 30),
+            vocab_size=int(config.get_text_config().vocab_size),
+            max_context=int(getattr(config.get_text_config(), "max_position_embeddings", 0) or 1 << 30),
             revision=revision or weights_revision(path),
         )
+        self._visuals: dict[int, _Visual] = {}
         # One thread owns the model: forward passes never overlap.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-forward")
         self._dead: BaseException | None = None
@@ -289,7 +318,7 @@ class HFBackend(Backend):
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
         self._dead = self._dead or RuntimeError("the backend was shut down")
-        for name in ("model", "_decoder", "_head"):  # every reference, so the memory is freed
+        for name in ("model", "_decoder", "_head", "_text"):  # every reference, so the memory is freed
             self.__dict__.pop(name, None)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -351,10 +380,22 @@ class HFBackend(Backend):
         failed: dict[int, Exception] = {t: BackendError(reason) for t, reason in plan.failed.items()}
         sums = [[[0.0] * len(tr.references) for _ in tr.contexts] for tr in batch]
         out = BatchLogliks(results=[], tokens=[0] * len(batch))
+        # Each trajectory's images are encoded once, before its first pass, and every
+        # probe of it reuses them.
+        visuals: dict[int, _Visual] = {}
+        for t, traj in enumerate(batch):
+            if traj.media is not None and self.vision is None:  # the first reason, whatever the plan says
+                failed[t] = BackendError(f"the scoring model ({self.info.name}) takes no images")
+            if traj.media is None or t in failed or t in abandoned:
+                continue
+            visual = self._guarded(self._encode, traj, owners={t}, failed=failed)
+            if visual is not None:
+                visuals[t] = visual
+        self._visuals = visuals
         for step in plan.passes:
             prefix = None
-            members = [seg for group in step.groups for seg in group]
-            if abandoned.all(seg.traj for seg in members):
+            members = [seg for group in step.groups for seg in group if seg.traj not in failed]
+            if not members or abandoned.all(seg.traj for seg in members):
                 continue
             if step.shared:
                 owners = {seg.traj for seg in members}
@@ -366,8 +407,9 @@ class HFBackend(Backend):
                 for i, seg in enumerate(members):
                     out.tokens[seg.traj] += step.shared // len(members) + (i < step.shared % len(members))
             for group in step.groups:
+                group = [seg for seg in group if seg.traj not in failed]  # e.g. its images failed to encode
                 owners = {seg.traj for seg in group}
-                if abandoned.all(owners):
+                if not group or abandoned.all(owners):
                     continue
                 logprobs = self._guarded(
                     self._forward, group, step.tree, step.shared, prefix, owners=owners, failed=failed
@@ -424,6 +466,84 @@ class HFBackend(Backend):
                 setattr(module, name, value)
 
     @torch.inference_mode()
+    def _encode(self, traj: TrajectoryProbes) -> _Visual:
+        """Run the vision tower on the trajectory's images; lay out where their
+        embeddings go and the rotary positions of the prompt up to the last image."""
+        import time
+
+        started = time.perf_counter()
+        images = traj.media.images
+        pixels = torch.cat([torch.as_tensor(image.pixel_values) for image in images]).to(self.device, self.dtype)
+        grid = torch.tensor([image.grid_thw for image in images], dtype=torch.long, device=self.device)
+        embeds = torch.cat(self._decoder.get_image_features(pixels, grid).pooler_output).to(self.dtype)
+        trunk = torch.tensor(traj.trunk, dtype=torch.long)
+        is_image = trunk == self.vision.image_token_id
+        slots_at = is_image.nonzero().flatten()
+        if len(slots_at) != embeds.shape[0]:
+            raise BackendError(
+                f"the prompt holds {len(slots_at)} image pad tokens, its images encode to {embeds.shape[0]}"
+            )
+        end = int(slots_at[-1]) + 1
+        for k, context in enumerate(traj.contexts):
+            # Every probe must hold the images exactly where the trunk does.
+            if context[:end] != traj.trunk[:end]:
+                raise BackendError(f"probe {k} does not share the prompt's images with the trajectory")
+        positions, _ = self._decoder.get_rope_index(
+            trunk[None, :end].to(self.device),
+            mm_token_type_ids=is_image[None, :end].int().to(self.device),
+            image_grid_thw=grid,
+        )
+        positions = positions[:, 0].cpu()
+        # After the last image every axis counts on from the image block's largest
+        # position: token p sits at p + delta (what get_rope_index gives a longer row).
+        delta = int(positions.max()) + 1 - end
+        slots = torch.full((end,), -1, dtype=torch.long)
+        slots[slots_at] = torch.arange(len(slots_at))
+        self.encode_s += time.perf_counter() - started
+        self.images_encoded += len(images)
+        return _Visual(embeds, positions, slots, end, delta)
+
+    def _inputs(self, group: Sequence[Segment], n: int, length: int | None = None) -> dict:
+        """Decoder inputs of the rows of `group` (right-padded to `n`, or cut to `length`):
+        token ids and positions, or for a VL model the embeddings (images scattered in)
+        and three-axis positions."""
+        n = length if length is not None else n
+        ids = torch.zeros(len(group), n, dtype=torch.long)
+        positions = torch.zeros(len(group), n, dtype=torch.long)
+        for b, seg in enumerate(group):
+            m = min(len(seg.ids), n)
+            ids[b, :m] = torch.tensor(seg.ids[:m])
+            positions[b, :m] = torch.tensor(seg.positions[:m])
+        if self.vision is None:
+            return {"input_ids": ids.to(self.device), "position_ids": positions.to(self.device)}
+        embeds = self._text.get_input_embeddings()(ids.to(self.device))
+        rope = positions[None].repeat(3, 1, 1)
+        for b, seg in enumerate(group):
+            visual = self._visuals.get(seg.traj)
+            if visual is None:
+                continue
+            inside = positions[b] < visual.end
+            at = positions[b].clamp(max=visual.end - 1)
+            rope[:, b] = torch.where(inside, visual.positions[:, at], positions[b] + visual.delta)
+            slots = torch.where(inside & (ids[b] == self.vision.image_token_id), visual.slots[at], -1)
+            rows = (slots >= 0).nonzero().flatten()
+            if len(rows):
+                embeds[b, rows.to(self.device)] = visual.embeds[slots[rows].to(self.device)]
+        return {"inputs_embeds": embeds, "position_ids": rope.to(self.device)}
+
+    def _run(self, inputs: dict, start: int, **kwargs):
+        """The text decoder on the inputs' columns from `start` on."""
+        if "inputs_embeds" in inputs:
+            return self._text(
+                inputs_embeds=inputs["inputs_embeds"][:, start:],
+                position_ids=inputs["position_ids"][..., start:],
+                **kwargs,
+            )
+        return self._decoder(
+            input_ids=inputs["input_ids"][:, start:], position_ids=inputs["position_ids"][:, start:], **kwargs
+        )
+
+    @torch.inference_mode()
     def _prefix(self, seg: Segment, length: int):
         """Keys and values of `seg`'s first `length` tokens (plain causal attention)."""
         from transformers import DynamicCache
@@ -431,12 +551,7 @@ class HFBackend(Backend):
         # No config: every layer keeps all its keys (a sliding-window layer of a
         # config-built cache would drop the oldest ones, which the tree mask counts on).
         cache = DynamicCache()
-        self._decoder(
-            input_ids=torch.tensor([seg.ids[:length]], device=self.device),
-            position_ids=torch.tensor([seg.positions[:length]], device=self.device),
-            past_key_values=cache,
-            use_cache=True,
-        )
+        self._run(self._inputs([seg], length, length), 0, past_key_values=cache, use_cache=True)
         return cache
 
     @torch.inference_mode()
@@ -449,11 +564,7 @@ class HFBackend(Backend):
         it as well as to themselves.
         """
         n = max(len(seg.ids) for seg in group)
-        ids = torch.zeros(len(group), n, dtype=torch.long)
-        positions = torch.zeros(len(group), n, dtype=torch.long)
-        for b, seg in enumerate(group):
-            ids[b, : len(seg.ids)] = torch.tensor(seg.ids)
-            positions[b, : len(seg.ids)] = torch.tensor(seg.positions)
+        inputs = self._inputs(group, n)
         if tree:
             # Rows after the prefix see all of it (the share plan guarantees that).
             attention = _packed_mask(group, n, self.device)[:, :, offset:]
@@ -472,12 +583,8 @@ class HFBackend(Backend):
         if prefix is not None:
             cache = copy.deepcopy(prefix)
             cache.batch_repeat_interleave(len(group))
-        hidden = self._decoder(
-            input_ids=ids[:, offset:].to(self.device),
-            attention_mask=attention,
-            position_ids=positions[:, offset:].to(self.device),
-            past_key_values=cache,
-            use_cache=cache is not None,
+        hidden = self._run(
+            inputs, offset, attention_mask=attention, past_key_values=cache, use_cache=cache is not None
         ).last_hidden_state
         # Project only the rows that predict a reference token (several targets may
         # share a row: every reference's first token is predicted by the probe's end).

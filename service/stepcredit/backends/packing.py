@@ -71,6 +71,9 @@ class Segment:
     sources: list[int] = field(default_factory=list)
     targets: list[int] = field(default_factory=list)
     owners: list[tuple[int, int, int]] = field(default_factory=list)
+    media: str = ""
+    """Identity of the trajectory's images ("" for none): equal token ids are an equal
+    prefix only under equal images (pad tokens stand for whatever image fills them)."""
 
     def push(self, token: int, position: int, trunk: int, limit: int, probe: int, ref: int) -> int:
         self.ids.append(token)
@@ -124,8 +127,12 @@ def packed_segments(t: int, traj: TrajectoryProbes, max_tokens: int, max_rows: i
     return [_build_packed(t, traj, group, cuts) for group in groups]
 
 
+def _media_key(traj: TrajectoryProbes) -> str:
+    return traj.media.key if traj.media is not None else ""
+
+
 def _build_packed(t: int, traj: TrajectoryProbes, probes: list[int], cuts: list[int]) -> Segment:
-    seg = Segment(traj=t)
+    seg = Segment(traj=t, media=_media_key(traj))
     trunk_len = max(cuts[k] for k in probes)
     for i in range(trunk_len):
         seg.push(traj.trunk[i], i, i, i + 1, -1, -1)
@@ -153,7 +160,7 @@ def per_prefix_segments(t: int, traj: TrajectoryProbes) -> list[Segment]:
         if not ctx:
             raise PlanError("a probe has no context token to condition on")
         for v, ref in enumerate(traj.references):
-            seg = Segment(traj=t)
+            seg = Segment(traj=t, media=_media_key(traj))
             for token in (*ctx, *ref):
                 seg.push_causal(token)
             for i, token in enumerate(ref):
@@ -165,16 +172,19 @@ def per_prefix_segments(t: int, traj: TrajectoryProbes) -> list[Segment]:
 def share_plan(segments: Sequence[Segment], min_tokens: int) -> list[tuple[int, list[Segment]]]:
     """Partition segments into (shared prefix length, members) clusters.
 
-    Sorted by token ids, segments with long common prefixes are neighbours; a
+    Sorted by images and token ids, segments with long common prefixes are neighbours; a
     cluster is a run of neighbours, and sharing c tokens among m of them saves
     (m-1)·c tokens at the price of one more forward pass, counted as
     `min_tokens`. Dynamic programming over the runs picks the partition that
     saves the most. Clusters that share nothing have c = 0.
     """
-    order = sorted(segments, key=lambda seg: seg.ids)
+    order = sorted(segments, key=lambda seg: (seg.media, seg.ids))
     n = len(order)
     cap = [seg.shareable() for seg in order]
-    neighbour = [common_prefix(order[i].ids, order[i + 1].ids) for i in range(n - 1)]
+    neighbour = [
+        common_prefix(order[i].ids, order[i + 1].ids) if order[i].media == order[i + 1].media else 0
+        for i in range(n - 1)
+    ]
     best = [0] * (n + 1)  # best[j]: the largest saving over order[:j]
     cut: list[tuple[int, int]] = [(0, 0)] * (n + 1)  # best[j]'s last cluster: (start, shared length)
     for j in range(1, n + 1):
