@@ -192,3 +192,38 @@ def test_steps_are_placed_by_the_services_code_point_offsets(new_page, tmp_path)
     shown = watched.page.locator("[data-testid=step]").all_inner_texts()
     assert shown == [completion[a:b] for a, b in spans]
     assert watched.errors == []
+
+
+def test_a_multimodal_items_image_shows_on_its_card_and_nothing_is_fetched(new_page, tmp_path, tiny_vl_path):
+    """Scene items scored by the tiny Qwen2-VL: each card shows its own picture (decoded
+    by the browser from the embedded data URI); an image given as a URL is not loaded."""
+    from stepcredit_trainer.scenes import make_scene
+
+    scenes = [make_scene(5, i) for i in range(2)]
+    items = [scene.item() for scene in scenes]
+    items.append({**items[0], "id": "fetched", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "https://example.com/x.png"}},
+        {"type": "text", "text": "?"}]}]})  # fmt: skip
+    src, results = tmp_path / "items.jsonl", tmp_path / "results.jsonl"
+    src.write_text("".join(json.dumps(item) + "\n" for item in items))
+    env = {**os.environ, "STEPCREDIT_CACHE_DIR": str(cache_dir()), "STEPCREDIT_VERIFY_WORKERS": "1"}
+    score = [str(BIN / "stepcredit"), "score", str(src), "-o", str(results), "-q", "--model", str(tiny_vl_path),
+             "--device", "cpu"]  # fmt: skip
+    subprocess.run(score, check=True, env=env, timeout=300)
+    scored = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [r["status"] for r in scored] == ["ok", "ok", "error"], scored
+    page_path = write_report(tmp_path / "report.html", items, scored)
+
+    watched = new_page()
+    page = watched.page
+    page.goto(page_path.as_uri())
+    shown = page.eval_on_selector_all(
+        "[data-testid=card] img.item-image",
+        "imgs => imgs.map(i => ({w: i.naturalWidth, h: i.naturalHeight, complete: i.complete, src: i.src.slice(0, 22)}))",
+    )
+    assert [(s["w"], s["h"]) for s in shown] == [scene.image.size for scene in scenes], shown
+    assert all(s["complete"] and s["src"] == "data:image/png;base64," for s in shown)
+    assert page.get_by_text("image 1: not an inline image").count() == 1
+    assert not [url for url in watched.requests if not url.startswith(("file:", "data:"))], watched.requests
+    assert not watched.errors, watched.errors
+    watched.screenshot("report-images")

@@ -46,7 +46,7 @@ MAX_PAGE_BYTES = 64 * 1024 * 1024
 """Embedded data one page holds (5,000 completions of ~12 KB each)."""
 _MAX_META = 32
 _MAX_META_CHARS = 500
-_ITEM_FIELDS = ("id", "prompt", "messages", "completion", "references", "options")
+_ITEM_FIELDS = ("id", "prompt", "messages", "images", "completion", "references", "options")
 """What the page shows of an item; completion_token_ids are left out (large, not drawn)."""
 
 # A string inside <script> ends at "</script" and HTML comments can change how it is

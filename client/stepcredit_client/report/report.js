@@ -193,12 +193,30 @@
   function numBadge(label, value, digits) {
     return el("span", { className: "badge num", title: label }, [label + " ", el("b", { text: fmt(value, digits) })]);
   }
+  // Inline images only: the page never loads anything (its CSP allows data: images alone).
+  function isImageUri(u) { return typeof u === "string" && /^data:image\/(png|jpeg|webp|gif|bmp)[;,]/i.test(u); }
   function promptView(item) {
     let text = "";
-    if (typeof item.prompt === "string") text = item.prompt;
-    else if (Array.isArray(item.messages)) text = item.messages.map((m) => (isObj(m) ? "[" + str(m.role) + "] " + str(m.content) : str(m))).join("\n\n");
-    if (!text) return null;
-    return el("details", { className: "prompt" }, [el("summary", { text: Array.isArray(item.messages) ? "messages" : "prompt" }), el("pre", { text })]);
+    const images = [];
+    const bare = Array.isArray(item.images) ? item.images.slice() : [];
+    const part = (p) => {
+      if (!isObj(p)) return str(p);
+      if (p.type === "text") return str(p.text);
+      if (p.type === "image_url") { images.push(isObj(p.image_url) ? p.image_url.url : null); return "[image " + images.length + "]"; }
+      if (p.type === "image") { images.push(bare.shift()); return "[image " + images.length + "]"; }
+      return "[" + str(p.type) + "]";
+    };
+    const content = (c) => (Array.isArray(c) ? c.map(part).join("") : str(c));
+    if (typeof item.prompt === "string") { text = item.prompt; images.push(...bare); }
+    else if (Array.isArray(item.messages)) text = item.messages.map((m) => (isObj(m) ? "[" + str(m.role) + "] " + content(m.content) : str(m))).join("\n\n");
+    if (!text && !images.length) return null;
+    const pictures = images.map((u, i) => (isImageUri(u)
+      ? el("img", { className: "item-image", src: u, alt: "image " + (i + 1), title: "image " + (i + 1) })
+      : el("span", { className: "badge no", text: "image " + (i + 1) + ": not an inline image" })));
+    const body = [el("summary", { text: (Array.isArray(item.messages) ? "messages" : "prompt") + (images.length ? " · " + images.length + " image" + (images.length > 1 ? "s" : "") : "") })];
+    if (pictures.length) body.push(el("div", { className: "item-images" }, pictures));
+    body.push(el("pre", { text }));
+    return el("details", { className: "prompt", open: images.length ? "" : null }, body);
   }
   function card(row) {
     const r = row.result, item = row.item;
