@@ -118,13 +118,17 @@ def test_the_image_changes_the_likelihoods(backends):
     assert not close(red, green, 1e-4)
 
 
-def test_each_trajectorys_images_are_encoded_once_whatever_its_probes(backends):
+def test_each_image_is_encoded_once_per_call_whatever_its_probes_and_sharers(backends):
     backend = backends["per-prefix"]
     before = backend.images_encoded
     trajs = [probes(backend, [scene(), scene((0, 150, 0))]), probes(backend, [scene()])]
-    backend.compute(trajs)
-    # 4 probes x 2 references per trajectory, yet 3 images in all.
-    assert backend.images_encoded - before == 3
+    together = backend.compute(trajs).results
+    # 4 probes x 2 references per trajectory, two trajectories showing the red scene:
+    # 2 distinct images, encoded once each.
+    assert backend.images_encoded - before == 2
+    # Reusing the shared picture's embeddings changes no number.
+    alone = backend.compute(trajs[1:]).results[0]
+    assert close(together[1], alone, PACKED_TOL)
 
 
 def test_same_text_different_images_never_share_a_prefix(backends):

