@@ -71,7 +71,7 @@ VL_CHAT_TEMPLATE = (
 VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 
 
-def build_tiny_vl(path: Path, smol: Path) -> Path:
+def build_tiny_vl(path: Path, smol: Path, family: str = "qwen2_vl") -> Path:
     """A 2-layer random Qwen2-VL (vision tower of 2 blocks, head size 64, mrope sections
     summing to head_dim / 2) with SmolLM2's tokenizer plus the vision tokens, and the
     torchvision-free image processor (`Qwen2VLImageProcessorPil`), sized so an image is at
@@ -95,12 +95,23 @@ def build_tiny_vl(path: Path, smol: Path) -> Path:
         depth=2, embed_dim=64, num_heads=2, hidden_size=128, mlp_ratio=2, patch_size=14, spatial_merge_size=2,
         temporal_patch_size=2, in_channels=3,
     )  # fmt: skip
-    config = Qwen2VLConfig(
-        text_config=text, vision_config=vision, tie_word_embeddings=True,
+    tokens = dict(
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
     )  # fmt: skip
-    Qwen2VLForConditionalGeneration(config).eval().save_pretrained(path)
+    if family == "qwen2_5_vl":  # windowed vision attention with full-attention blocks between
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+        vision = dict(
+            depth=4, hidden_size=64, out_hidden_size=128, intermediate_size=128, num_heads=2, patch_size=14,
+            spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=56, fullatt_block_indexes=[1, 3],
+        )  # fmt: skip
+        config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **tokens)
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    else:
+        config = Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **tokens)
+        model = Qwen2VLForConditionalGeneration(config)
+    model.eval().save_pretrained(path)
     tok.save_pretrained(path)
     Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 64).save_pretrained(path)
     return path

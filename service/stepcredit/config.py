@@ -52,6 +52,11 @@ class Limits(BaseSettings):
     max_image_pixels: int = Field(4096 * 4096, ge=1, le=89_478_485)
     """Most pixels (width x height, from the image header) in one image; more get the
     item's `invalid_item` before any pixel is decoded."""
+    max_image_pixels_per_request: int = Field(4 * 4096 * 4096, ge=1, le=1 << 34)
+    """Most pixels of all the images of one /v1/score request (headers): the items whose
+    images would pass it get `invalid_item`. Every image is decoded and run through the
+    image processor before any model work, on one preparation thread: about 0.5 s and
+    50 MB of RGB per 4096² image on a CPU core, so this bounds one request's share of both."""
     max_probe_tokens_per_item: int | None = Field(None, ge=64, le=1 << 24)
     """Most reference tokens one item may ask the model to score: probes (steps + 1) x the
     sum of its references' tokens. More is that item's `limit_exceeded`, before any model work.

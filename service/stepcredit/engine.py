@@ -380,12 +380,16 @@ class Scorer:
             prompt = self._render_messages(item, vision is not None)
         if vision is None:
             return prompt, None
+        # Vision tokens stand for pixels: only the placeholders may hold them (a stray pad
+        # in the prompt, completion or a reference would shift every image's embeddings).
+        vision.check_text(item.completion, "completion")
+        for j, reference in enumerate(item.references):
+            vision.check_text(reference, f"references[{j}]")
+        ids = item.completion_token_ids or ()
+        if vision.reserved_ids.intersection(ids):
+            raise ProbeError("invalid_item", "completion_token_ids hold a vision token, which only an image may fill")
         if not refs:
-            # A text item on a vision model: the prompt may not smuggle in pad tokens
-            # that no image fills.
-            if vision.image_token in prompt:
-                raise ProbeError("invalid_item", f"the prompt holds {vision.image_token!r} but the item has no image")
-            return prompt, None
+            return vision.place(prompt, []), None
         decoded = []
         for ref in refs:
             try:
@@ -393,7 +397,7 @@ class Scorer:
             except MediaError as exc:
                 raise ProbeError(exc.code, str(exc)) from None
         processed = vision.process(decoded)
-        prompt = vision.place(prompt, [p.grid_thw for p in processed])
+        prompt = vision.place(prompt, [p.grid_thw for p in processed], generic=item.prompt is not None)
         images = tuple(
             ProbeImage(ref.data_uri, image, ref.digest, p.grid_thw, p.pixel_values)
             for ref, image, p in zip(refs, decoded, processed, strict=True)
@@ -415,8 +419,8 @@ class Scorer:
                         {"type": "text", "text": p["text"]} if p["type"] == "text" else {"type": "image"}
                         for p in parts
                     ]
-                else:  # text parts only (images were refused above): OpenAI joins them
-                    content = "".join(p["text"] for p in parts)
+                else:  # text parts only (images were refused above): joined by newlines, as vLLM's renderer does
+                    content = "\n".join(p["text"] for p in parts)
             messages.append({"role": message.role, "content": content})
         try:
             return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

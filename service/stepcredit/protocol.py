@@ -399,26 +399,46 @@ def parse_item(raw: Any, limits: Limits, where: str) -> ScoreItem | ScoreResult:
     """Validate one raw item: a ScoreItem, or its `invalid_item` (or `invalid_image`) result
     naming the field. Its images are decoded from base64 and their headers read here (no
     pixel is decoded), so a bad image fails before any model work."""
+    return _parse_item(raw, limits, where)[0]
+
+
+def _parse_item(raw: Any, limits: Limits, where: str) -> tuple[ScoreItem | ScoreResult, int]:
+    """`parse_item`, and the pixels of the item's images."""
     if not isinstance(raw, dict):
-        return ScoreResult.failure(None, "invalid_item", f"{where}: an item must be a JSON object")
+        return ScoreResult.failure(None, "invalid_item", f"{where}: an item must be a JSON object"), 0
     try:
         item = ScoreItem.model_validate(raw)
     except ValidationError as exc:
-        return ScoreResult.failure(_echo_id(raw), "invalid_item", describe_validation_error(exc, where))
+        return ScoreResult.failure(_echo_id(raw), "invalid_item", describe_validation_error(exc, where)), 0
     try:
         check_item(item, limits, where)
     except LimitError as exc:
-        return ScoreResult.failure(item.id, "invalid_item", str(exc))
+        return ScoreResult.failure(item.id, "invalid_item", str(exc)), 0
     try:
-        media.item_images(item, limits, where)
+        refs = media.item_images(item, limits, where)
     except media.MediaError as exc:
-        return ScoreResult.failure(item.id, exc.code, str(exc))
-    return item
+        return ScoreResult.failure(item.id, exc.code, str(exc)), 0
+    return item, sum(ref.width * ref.height for ref in refs)
 
 
 def parse_items(raw_items: list[Any], limits: Limits, where: str = "items") -> list[ScoreItem | ScoreResult]:
-    """Validate each raw item on its own, so a bad one fails alone."""
-    return [parse_item(raw, limits, f"{where}[{i}]") for i, raw in enumerate(raw_items)]
+    """Validate each raw item on its own, so a bad one fails alone; the items whose images
+    would take the request past `max_image_pixels_per_request` fail too (in order)."""
+    out: list[ScoreItem | ScoreResult] = []
+    pixels = 0
+    for i, raw in enumerate(raw_items):
+        parsed, own = _parse_item(raw, limits, f"{where}[{i}]")
+        if own and pixels + own > limits.max_image_pixels_per_request:
+            parsed = ScoreResult.failure(
+                parsed.id,
+                "invalid_item",
+                f"{where}[{i}]: its images ({own} pixels) take the request's images past "
+                f"max_image_pixels_per_request={limits.max_image_pixels_per_request} ({pixels} before it)",
+            )
+        else:
+            pixels += own
+        out.append(parsed)
+    return out
 
 
 def check_limits(request: ScoreRequest, limits: Limits) -> None:

@@ -50,6 +50,10 @@ class Vision:
     """What the chat template writes for one image, before expansion."""
     merge_size: int
     model_type: str
+    reserved: tuple[str, ...] = ()
+    """Every vision special token (image and video pads, start and end): text may hold
+    them only where the placeholders put them."""
+    reserved_ids: frozenset[int] = frozenset()
 
     def tokens_per_image(self, grid_thw: Sequence[int]) -> int:
         t, h, w = grid_thw
@@ -67,18 +71,32 @@ class Vision:
             out.append(ProcessedImage(batch["pixel_values"], grid))
         return out
 
-    def place(self, prompt: str, grids: Sequence[Sequence[int]]) -> str:
+    def check_text(self, text: str, field: str) -> None:
+        """Text the policy or the trainer wrote (a completion, a reference) may not hold
+        vision tokens: they would stand for pixels no image gives."""
+        for token in self.reserved:
+            if token in text:
+                raise ProbeError("invalid_item", f"{field} holds the vision token {token!r}, which only an image may fill")
+
+    def place(self, prompt: str, grids: Sequence[Sequence[int]], generic: bool = False) -> str:
         """The prompt with each image's placeholder expanded to its pad tokens. The prompt
-        marks each image with the model's placeholder or `<image>`, as many as images."""
-        text = prompt.replace(GENERIC_PLACEHOLDER, self.placeholder)
-        found = text.count(self.image_token)
-        if found != len(grids) or text.count(self.placeholder) != found:
+        marks each image with the model's placeholder (or, where `generic`, a raw `prompt`
+        sent with images, `<image>`), exactly once per image; no other vision token."""
+        text = prompt.replace(GENERIC_PLACEHOLDER, self.placeholder) if generic else prompt
+        found = text.count(self.placeholder)
+        others = [t for t in self.reserved if text.count(t) != (found if t in self.placeholder else 0)]
+        if found != len(grids) or others:
+            marks = f"{found} image place{'s' if found != 1 else ''}"
+            if others:
+                marks += f" and stray vision tokens {others}"
+            how = f"write {self.placeholder!r}" + (f" (or {GENERIC_PLACEHOLDER!r})" if generic or not grids else "")
             raise ProbeError(
                 "invalid_item",
-                f"the prompt marks {found} image place{'s' if found != 1 else ''} for {len(grids)} "
-                f"image{'s' if len(grids) != 1 else ''}: write {self.placeholder!r} (or {GENERIC_PLACEHOLDER!r}) "
-                "once where each image goes, in order",
+                f"the prompt marks {marks} for {len(grids)} image{'s' if len(grids) != 1 else ''}: "
+                f"{how} once where each image goes, in order, and no other vision token",
             )
+        if not grids:
+            return text
         pieces = text.split(self.image_token)
         out = [pieces[0]]
         for grid, piece in zip(grids, pieces[1:], strict=True):
@@ -112,7 +130,7 @@ def load_vision(path: Path | str, tokenizer) -> Vision | None:
     except Exception as exc:
         raise ValueError(f"{path}: a vision-language model without a usable image processor: {exc}") from exc
     vocab = tokenizer.get_vocab()
-    names = {"image": "<|image_pad|>", "start": "<|vision_start|>", "end": "<|vision_end|>"}
+    names = {"image": "<|image_pad|>", "start": "<|vision_start|>", "end": "<|vision_end|>", "video": "<|video_pad|>"}
     missing = [token for token in names.values() if token not in vocab]
     if missing:
         raise ValueError(f"{path}: the tokenizer lacks the vision tokens {missing}")
@@ -127,4 +145,6 @@ def load_vision(path: Path | str, tokenizer) -> Vision | None:
         placeholder=names["start"] + names["image"] + names["end"],
         merge_size=merge,
         model_type=config["model_type"],
+        reserved=tuple(names.values()),
+        reserved_ids=frozenset(vocab[token] for token in names.values()),
     )

@@ -180,3 +180,52 @@ def test_images_on_a_text_only_backend_fail_that_trajectory(backends, tiny_model
         assert isinstance(good, list)
     finally:
         text_backend.shutdown()
+
+
+@pytest.mark.parametrize("gone", [0, 1])
+def test_a_live_sharer_keeps_its_image_when_the_other_is_abandoned(backends, gone):
+    """The shared prompt pass may be computed from the abandoned trajectory's row: it
+    must still carry the picture (it once fell back to bare pad embeddings: Δℓ 0.24)."""
+    from stepcredit.backends.base import Abandoned
+
+    backend = backends["packed"]
+    trajs = [probes(backend, [scene()]), probes(backend, [scene()], completion=COMPLETION.replace("red circle", "round red"))]
+    live = 1 - gone
+    alone = backend.compute([trajs[live]]).results[0]
+    abandoned = Abandoned()
+    abandoned.add(range(gone, gone + 1))
+    out = backend.compute(trajs, abandoned)
+    assert isinstance(out.results[gone], Exception)
+    assert close(out.results[live], alone, PACKED_TOL)
+
+
+def test_qwen2_5_vl_with_several_images_equals_its_own_forward_packed_and_per_prefix(tmp_path_factory, smol_path):
+    """Qwen2.5-VL: windowed vision attention, its own rope index; two images of different
+    sizes, one in the system message."""
+    from tests.conftest import build_tiny_vl
+
+    path = build_tiny_vl(tmp_path_factory.mktemp("tiny-qwen2.5-vl"), smol_path, family="qwen2_5_vl")
+    made = [HFBackend(path, strategy=s, device="cpu") for s in ("per-prefix", "packed")]
+    try:
+        backend = made[0]
+        assert backend.vision.model_type == "qwen2_5_vl"
+        images = [scene(), scene((0, 150, 0), size=(90, 140))]
+        vision = backend.vision
+        processed = vision.process(images)
+        prompt = backend.tokenizer.apply_chat_template(
+            [{"role": "system", "content": [{"type": "image"}, {"type": "text", "text": "A reference picture."}]},
+             {"role": "user", "content": [{"type": "text", "text": "And this one?"}, {"type": "image"}]}],
+            tokenize=False, add_generation_prompt=True,
+        )  # fmt: skip
+        prompt = vision.place(prompt, [p.grid_thw for p in processed])
+        media = ProbeMedia(tuple(
+            ProbeImage("data:", im, str(i), p.grid_thw, p.pixel_values) for i, (im, p) in enumerate(zip(images, processed))
+        ))  # fmt: skip
+        traj = text_probes(backend.tokenizer, prompt, COMPLETION, CUTS, PREFIX, ["2", "two"], media=media)
+        truth = own_forward(backend, traj, images)
+        for b in made:
+            assert close(b.compute([traj]).results[0], truth, MODEL_TOL), b.strategy
+        assert close(made[1].compute([traj]).results[0], made[0].compute([traj]).results[0], PACKED_TOL)
+    finally:
+        for b in made:
+            b.shutdown()

@@ -150,7 +150,26 @@ async def test_a_prompt_must_mark_each_image_once(vl_client):
     for r in results:
         assert r["status"] == "error" and r["error"]["code"] == "invalid_item", r
     assert "marks 0 image places for 1 image" in results[0]["error"]["message"]
-    assert "has no image" in results[2]["error"]["message"]
+    assert "stray vision tokens ['<|image_pad|>']" in results[2]["error"]["message"]
+
+
+async def test_vision_tokens_outside_the_placeholders_fail_the_item_and_a_literal_image_tag_is_text(vl_client):
+    """A pad token the policy wrote would take an image's embedding slot (it once surfaced
+    as a backend_error with a traceback); `<image>` inside a message is just text."""
+    in_completion = {**url_item("completion"), "completion": COMPLETION.replace("one red", "one <|image_pad|> red")}
+    in_reference = {**url_item("reference"), "references": ["1", "<|vision_end|>"]}
+    in_text = url_item("text-part")
+    in_text["messages"][0]["content"][1]["text"] = "Is <|vision_start|> here?"
+    text_item = {**url_item("text-item"), "messages": [{"role": "user", "content": "hi"}],
+                 "completion": COMPLETION.replace("one red", "<|video_pad|>")}  # fmt: skip
+    literal = url_item("literal")
+    literal["messages"][0]["content"][1]["text"] = "What does the HTML <image> tag do? " + QUESTION
+    results = await score(vl_client, in_completion, in_reference, in_text, text_item, literal)
+    by_id = {r["id"]: r for r in results}
+    for bad in ("completion", "reference", "text-part", "text-item"):
+        assert by_id[bad]["status"] == "error" and by_id[bad]["error"]["code"] == "invalid_item", by_id[bad]
+    assert "vision token" in by_id["completion"]["error"]["message"]
+    assert by_id["literal"]["status"] == "ok", by_id["literal"]
 
 
 async def test_images_sent_to_a_text_only_model_fail_that_item(client):
@@ -158,3 +177,15 @@ async def test_images_sent_to_a_text_only_model_fail_that_item(client):
     image, plain = await score(client, url_item(), text)
     assert image["status"] == "error" and image["error"]["code"] == "images_unsupported", image
     assert plain["status"] == "ok", plain  # text parts alone are joined for a text model
+
+
+async def test_a_requests_images_are_bounded_in_all_not_only_one_by_one(vl_scorers, tmp_path):
+    """Every image is decoded and processed before any model work: many images that each
+    pass max_image_pixels must still not make one request take gigabytes and minutes."""
+    settings = Settings(cache_dir=tmp_path, api_key=None, max_image_pixels_per_request=3 * 224 * 168)
+    async with asgi_client(create_app(settings, scorer=vl_scorers["packed"])) as client:
+        scene_items = [make_scene(11, i).item() for i in range(5)]
+        results = await score(client, *scene_items)
+    assert [r["status"] for r in results] == ["ok", "ok", "ok", "error", "error"], results
+    assert "max_image_pixels_per_request=112896" in results[3]["error"]["message"]
+    assert results[3]["error"]["code"] == "invalid_item"

@@ -387,7 +387,9 @@ class HFBackend(Backend):
         for t, traj in enumerate(batch):
             if traj.media is not None and self.vision is None:  # the first reason, whatever the plan says
                 failed[t] = BackendError(f"the scoring model ({self.info.name}) takes no images")
-            if traj.media is None or t in failed or t in abandoned:
+            # Abandoned ones too: a live trajectory may reuse a prompt pass computed from
+            # an abandoned sharer's row, which needs that row's images.
+            if traj.media is None or t in failed:
                 continue
             visual = self._guarded(self._encode, traj, encoded, owners={t}, failed=failed)
             if visual is not None:
@@ -530,6 +532,8 @@ class HFBackend(Backend):
         for b, seg in enumerate(group):
             visual = self._visuals.get(seg.traj)
             if visual is None:
+                if seg.media:  # never pad embeddings where an image belongs
+                    raise BackendError("a row with images reached the model without its encoded images")
                 continue
             inside = positions[b] < visual.end
             at = positions[b].clamp(max=visual.end - 1)
