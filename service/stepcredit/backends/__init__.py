@@ -37,6 +37,7 @@ def build_backend(settings: Settings) -> Backend:
             memory_utilization=settings.vllm_memory_utilization,
             block_size=settings.vllm_block_size,
             max_inflight_batches=settings.max_inflight_batches,
+            max_images_per_prompt=settings.max_images_per_item,
         )
     if settings.backend == "vllm-remote":
         from .vllm_remote import VLLMRemoteBackend

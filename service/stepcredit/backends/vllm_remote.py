@@ -128,7 +128,7 @@ class VLLMRemoteBackend(Backend):
             raise ValueError("vllm-remote needs at least one server URL (--vllm-url)")
         path = Path(model_path)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        config = AutoConfig.from_pretrained(path).get_text_config()
+        config = AutoConfig.from_pretrained(path)
         # The service expands image placeholders with the folder's own image processor.
         self.vision = load_vision(path, self.tokenizer)
         self.prefix_reuse = prefix_reuse
@@ -150,7 +150,7 @@ class VLLMRemoteBackend(Backend):
             device="remote",
             dtype=str(getattr(config, "dtype", None) or "unknown").replace("torch.", ""),
             vocab_size=len(self.tokenizer),
-            max_context=int(getattr(config, "max_position_embeddings", 0) or 4096),
+            max_context=int(getattr(config.get_text_config(), "max_position_embeddings", 0) or 4096),
             revision=weights_revision(path),
         )
 
