@@ -59,19 +59,16 @@ SHAPES = {
 
 def build(shape: str, folder: Path, smol: Path) -> Path:
     """A random-weight VL model of `shape` with SmolLM2's tokenizer and the vision tokens."""
-    from tests.conftest import VISION_TOKENS, VL_CHAT_TEMPLATE, build_tiny_vl
+    from tests.conftest import build_tiny_vl, vl_tokenizer
 
     if shape == "tiny":
         return build_tiny_vl(folder, smol)
     import torch
-    from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig
     from transformers import Qwen2VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    tok = AutoTokenizer.from_pretrained(smol)
-    tok.add_tokens(VISION_TOKENS, special_tokens=True)
-    tok.chat_template = VL_CHAT_TEMPLATE
-    ids = {t: tok.convert_tokens_to_ids(t) for t in VISION_TOKENS}
+    tok, tokens = vl_tokenizer(smol)
     spec = SHAPES[shape]
     half = spec["text"]["head_dim"] // 2
     section = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
@@ -79,11 +76,7 @@ def build(shape: str, folder: Path, smol: Path) -> Path:
                 rope_parameters={"rope_type": "default", "mrope_section": section, "rope_theta": 1e6},
                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)  # fmt: skip
     torch.manual_seed(0)
-    common = dict(
-        text_config=text, tie_word_embeddings=True, image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-    )  # fmt: skip
+    common = dict(text_config=text, tie_word_embeddings=True, **tokens)
     if shape == "qwen2.5-vl-3b":
         config = Qwen2_5_VLConfig(vision_config=dict(spec["vision"], patch_size=14, spatial_merge_size=2,
                                                      temporal_patch_size=2), **common)  # fmt: skip

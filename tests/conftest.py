@@ -71,19 +71,32 @@ VL_CHAT_TEMPLATE = (
 VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 
 
+def vl_tokenizer(smol: Path):
+    """SmolLM2's tokenizer with the vision tokens and the Qwen2-VL-style chat template, and
+    the config fields naming those tokens (what every test and benchmark VL model shares)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smol)
+    tok.add_tokens(VISION_TOKENS, special_tokens=True)
+    tok.chat_template = VL_CHAT_TEMPLATE
+    ids = {t: tok.convert_tokens_to_ids(t) for t in VISION_TOKENS}
+    tokens = dict(
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )  # fmt: skip
+    return tok, tokens
+
+
 def build_tiny_vl(path: Path, smol: Path, family: str = "qwen2_vl") -> Path:
     """A 2-layer random Qwen2-VL (vision tower of 2 blocks, head size 64, mrope sections
     summing to head_dim / 2) with SmolLM2's tokenizer plus the vision tokens, and the
     torchvision-free image processor (`Qwen2VLImageProcessorPil`), sized so an image is at
     most 64 merged patches."""
     import torch
-    from transformers import AutoTokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    tok = AutoTokenizer.from_pretrained(smol)
-    tok.add_tokens(VISION_TOKENS, special_tokens=True)
-    tok.chat_template = VL_CHAT_TEMPLATE
-    ids = {t: tok.convert_tokens_to_ids(t) for t in VISION_TOKENS}
+    tok, tokens = vl_tokenizer(smol)
     torch.manual_seed(0)
     text = dict(
         vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
@@ -94,10 +107,6 @@ def build_tiny_vl(path: Path, smol: Path, family: str = "qwen2_vl") -> Path:
     vision = dict(
         depth=2, embed_dim=64, num_heads=2, hidden_size=128, mlp_ratio=2, patch_size=14, spatial_merge_size=2,
         temporal_patch_size=2, in_channels=3,
-    )  # fmt: skip
-    tokens = dict(
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
     )  # fmt: skip
     if family == "qwen2_5_vl":  # windowed vision attention with full-attention blocks between
         from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration

@@ -218,28 +218,10 @@ def verl_batch(dataset, policy, image_processor, responses: list[str], p_len=160
     return data
 
 
-def verl_config(policy_dir, url, token_level=True):
-    from omegaconf import OmegaConf
+def verl_config(policy_dir, url):
+    from .test_adapter_verl import config  # imports verl: only the verl tests pay for it
 
-    return OmegaConf.create(
-        {
-            "actor_rollout_ref": {"model": {"path": str(policy_dir), "tokenizer_path": str(policy_dir)}},
-            "reward": {
-                "num_workers": 1,
-                "custom_reward_function": {
-                    "path": None,
-                    "name": "compute_score",
-                    "reward_kwargs": {"url": url, "token_level": token_level, "max_attempts": 2},
-                },
-                "reward_manager": {
-                    "source": "importlib",
-                    "name": "StepCreditRewardManager",
-                    "module": {"path": "pkg://stepcredit_client.adapters.verl_manager"},
-                },
-                "reward_model": {"enable": False},
-            },
-        }
-    )
+    return config(policy_dir, url, reward_kwargs={"max_attempts": 2})
 
 
 VERL_ROWS = [

@@ -46,7 +46,10 @@ def policy(policy_dir):
     return AutoTokenizer.from_pretrained(policy_dir)
 
 
-def config(policy_dir, url, token_level=True):
+def config(policy_dir, url, token_level=True, reward_kwargs=None):
+    """verl's config for our reward manager; `reward_kwargs` beside `url` and `token_level`
+    (default: the weights these tests check)."""
+    kwargs = {"url": url, "token_level": token_level, **(WEIGHTS if reward_kwargs is None else reward_kwargs)}
     return OmegaConf.create(
         {
             "actor_rollout_ref": {"model": {"path": str(policy_dir), "tokenizer_path": str(policy_dir)}},
@@ -55,7 +58,7 @@ def config(policy_dir, url, token_level=True):
                 "custom_reward_function": {
                     "path": None,
                     "name": "compute_score",
-                    "reward_kwargs": {"url": url, "token_level": token_level, **WEIGHTS},
+                    "reward_kwargs": kwargs,
                 },
                 "reward_manager": {
                     "source": "importlib",

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -474,8 +475,6 @@ class HFBackend(Backend):
         images of this backend call so far, by digest and patch grid, so a GRPO group's
         shared picture is encoded once); lay out where their embeddings go and the rotary
         positions of the prompt up to the last image."""
-        import time
-
         started = time.perf_counter()
         images = traj.media.images
         keys = [(image.digest, image.grid_thw) for image in images]
