@@ -367,6 +367,13 @@ async def test_requests_during_a_reload_are_all_answered_each_by_one_model(make_
                     expected[revision, result["id"]] = numbers(result)
 
         assert (await reload(client, checkpoints["a"], "A")).status_code == 200
+        # The model of every backend call, in the order the calls start.
+        calls, execute = [], scorer.batcher._execute
+        def recording(batch, backend):  # noqa: E306
+            calls.append(backend.info.revision)
+            return execute(batch, backend)
+        monkeypatch.setattr(scorer.batcher, "_execute", recording)
+
         send = lambda: asyncio.create_task(score(client, requests[len(sent) % len(requests)]))  # noqa: E731
         sent = []
         sent += [send(), send()]  # in flight when the reload starts
@@ -374,14 +381,19 @@ async def test_requests_during_a_reload_are_all_answered_each_by_one_model(make_
         while not reloading.done():
             sent.append(send())
             await asyncio.sleep(0.01)
-        sent += [send(), send()]
         response = await reloading
         assert response.status_code == 200 and response.json()["mode"] == mode
+        after = [send(), send()]  # sent once the reload has answered
         answers = await asyncio.gather(*sent)  # every one answered (score() asserts 200)
+        answered_after = await asyncio.gather(*after)
 
     revisions = [a["model"]["revision"] for a in answers]
     assert set(revisions) == {"A", "B"}, revisions  # they straddled the swap
-    assert revisions == sorted(revisions)  # once B scores, A never does again
+    # Once a call runs on B, none runs on A again. (Requests are prepared on worker
+    # threads, so the order they were sent in is not the order they reach the batcher.)
+    assert set(calls) == {"A", "B"} and calls == sorted(calls), calls
+    assert [a["model"]["revision"] for a in answered_after] == ["B", "B"]
+    answers += answered_after
     for answer in answers:
         revision = answer["model"]["revision"]
         for result in answer["results"]:
