@@ -129,6 +129,33 @@ def test_vl_forward_needs_the_rows_rollouts(policy):
         policy.token_logprobs(input_ids, attention, completion, 1.0)
 
 
+def test_a_rollout_that_lost_its_images_is_refused_not_continued_blind(policy):
+    """Its prompt ids still hold the image pads: without pixel values the model would read
+    them as plain tokens (validate's continuations did so before they carried the images)."""
+    (r,) = sample(policy, problems=PROBLEMS[:1], group_size=1)
+    blind = type(r)(**{**vars(r), "images": None})
+    with pytest.raises(ValueError, match=r"large: 48 image pad tokens in its ids for images of 0"):
+        policy.continue_from([blind], max_new_tokens=2, temperature=1.0, top_p=1.0)
+    with pytest.raises(ValueError, match="image pad tokens"):
+        alone(policy, blind, 1.0)
+
+
+def test_vision_tokens_are_never_sampled_even_where_the_model_prefers_them(policy, monkeypatch):
+    reserved = list(policy.vision.reserved_ids)
+    assert len(reserved) == 4 and policy.vision.image_token_id in reserved
+    head = policy.model.get_output_embeddings()
+    forward = head.forward
+
+    def favour_vision(hidden):
+        logits = forward(hidden)
+        logits[..., reserved] += 1e4
+        return logits
+
+    monkeypatch.setattr(head, "forward", favour_vision)
+    for r in sample(policy, problems=PROBLEMS[:2], group_size=1, greedy=True, max_new_tokens=4):
+        assert r.sampled_ids and not set(r.sampled_ids) & set(reserved), r.sampled_ids
+
+
 def test_a_text_only_policy_refuses_a_problem_with_images(tiny_model_path):
     with pytest.raises(ValueError, match="text-only model"):
         load_policy(tiny_model_path).render(PROBLEMS[0], "")

@@ -183,3 +183,16 @@ def test_reanalyze_refuses_chains_of_the_wrong_shape(tmp_path):
     (tmp_path / "chains.jsonl").write_text(json.dumps(good.__dict__) + "\n")
     with pytest.raises(ValidateError, match="bootstrap"):
         reanalyze(tmp_path)
+
+
+def test_a_text_only_policy_on_a_visual_task_is_refused_before_the_service_is_asked(tiny_model_path, tmp_path):
+    from stepcredit_trainer.validate import ValidateError, validate
+
+    config = TrainConfig.model_validate({
+        "service": {"url": "http://127.0.0.1:9", "ready_timeout_s": 1},  # nothing listens: never reached
+        "policy": {"model": str(tiny_model_path)},
+        "task": {"name": "clevr_count", "params": {"width": 112, "height": 112}},
+        "validate": {"problems": 1},
+    })  # fmt: skip
+    with pytest.raises(ValidateError, match="asks about images and policy.model is a text-only model"):
+        validate(config, tmp_path)

@@ -56,6 +56,9 @@ class PolicyVision:
     image_token: str
     image_token_id: int
     merge_size: int
+    reserved_ids: tuple[int, ...] = ()
+    """The vision tokens (image and video pads, vision start and end): never sampled, as
+    the service refuses a completion that holds one and the model would read it as an image slot."""
 
     def encode(self, problem: Problem) -> ImageInputs:
         """Decode the problem's data URIs and run the image processor, one image at a time
@@ -116,6 +119,16 @@ class Rollout:
         return self.prefix_ids + self.sampled_ids
 
 
+def text_only_mismatch(policy: Policy, task: str, problems: Sequence[Problem]) -> str | None:
+    """Why `policy` cannot answer these problems (a text-only model on a task with images), or None."""
+    if policy.vision is None and any(p.images for p in problems):
+        return (
+            f"task {task!r} asks about images and policy.model is a text-only model: "
+            f"use a vision-language policy ({', '.join(VL_MODEL_TYPES)})"
+        )
+    return None
+
+
 def resolve_policy_path(model: str) -> Path:
     """`default` is the service's embedded model folder (converted once); else a local folder."""
     if model == "default":
@@ -164,6 +177,13 @@ class Policy:
         add = not (bos and text.startswith(bos))
         return self.tokenizer(text, add_special_tokens=add)["input_ids"]
 
+    def start(self, problem: Problem, prompt: str, prefix_ids: Sequence[int] = ()) -> Rollout:
+        """A rollout of `problem` with its rendered `prompt` and `prefix_ids` so far: the
+        prompt ids as the policy reads them (image placeholders expanded), its images encoded."""
+        images = self.vision.encode(problem) if problem.images and self.vision else None
+        ids = self.encode_prompt(self.vision.expand(prompt, images) if images is not None else prompt)
+        return Rollout(problem, prompt, ids, list(prefix_ids), [], "", False, images)
+
     @torch.no_grad()
     def sample(
         self,
@@ -179,17 +199,8 @@ class Policy:
     ) -> list[Rollout]:
         """`group_size` completions per problem, grouped contiguously in problem order."""
         prefix_ids = self.tokenizer(response_prefix, add_special_tokens=False)["input_ids"] if response_prefix else []
-        prompts = [self.render(p, system_prompt) for p in problems]
-        images = [self.vision.encode(p) if p.images and self.vision else None for p in problems]
-        prompt_ids = [
-            self.encode_prompt(self.vision.expand(text, im) if im is not None else text)
-            for text, im in zip(prompts, images)
-        ]
-        starts = [
-            Rollout(problems[i], prompts[i], prompt_ids[i], list(prefix_ids), [], "", False, images[i])
-            for i in range(len(problems))
-            for _ in range(group_size)
-        ]
+        firsts = [self.start(p, self.render(p, system_prompt), prefix_ids) for p in problems]
+        starts = [first for first in firsts for _ in range(group_size)]  # continue_from copies each
         return self.continue_from(
             starts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, greedy=greedy
         )
@@ -220,6 +231,7 @@ class Policy:
             eos_token_id=self.tokenizer.eos_token_id,
             pad_token_id=self.pad_id,
             **self.image_inputs(starts, input_ids),
+            **({"suppress_tokens": list(self.vision.reserved_ids)} if self.vision and self.vision.reserved_ids else {}),
             **sampling,
         )
         rollouts = []
@@ -265,7 +277,17 @@ class Policy:
         the model where they go. Empty for a text-only policy."""
         if self.vision is None:
             return {}
-        out: dict[str, torch.Tensor] = {"mm_token_type_ids": (input_ids == self.vision.image_token_id).int()}
+        pads = input_ids == self.vision.image_token_id
+        for rollout, row in zip(rollouts, pads.sum(dim=1).tolist()):
+            # A row's pads without its pixel values would read as plain tokens: a silent blind rollout.
+            grids = rollout.images.grid_thw.tolist() if rollout.images is not None else []
+            wanted = sum(t * h * w // self.vision.merge_size**2 for t, h, w in grids)
+            if row != wanted:
+                raise ValueError(
+                    f"problem {rollout.problem.id}: {row} image pad tokens in its ids for images of {wanted} "
+                    "(a rollout lost its images, or its prompt ids were not expanded for them)"
+                )
+        out: dict[str, torch.Tensor] = {"mm_token_type_ids": pads.int()}
         rows = [r.images for r in rollouts if r.images is not None]
         if rows:
             out["pixel_values"] = torch.cat([im.pixel_values for im in rows]).to(self.device)
@@ -331,5 +353,7 @@ def load_policy(path: Path, device: str = "cpu", dtype: str = "float32") -> Poli
         raise ValueError(
             f"policy.model: {path}: the tokenizer's {image_token} is not the model's image_token_id {image_token_id}"
         )
-    vision = PolicyVision(processor, image_token, image_token_id, int(getattr(processor, "merge_size", 2)))
+    vocab = tokenizer.get_vocab()
+    reserved = tuple(vocab[t] for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>") if t in vocab)
+    vision = PolicyVision(processor, image_token, image_token_id, int(getattr(processor, "merge_size", 2)), reserved)
     return Policy(model, tokenizer, target, vision)

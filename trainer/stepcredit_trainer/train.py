@@ -33,7 +33,7 @@ from stepcredit_client import StepCreditError
 from .config import TrainConfig
 from .evaluate import PageSample, evaluate, mean, score_rollouts
 from .objective import LossWeights, build_targets, total_loss
-from .rollout import Policy, load_policy, resolve_policy_path
+from .rollout import Policy, load_policy, resolve_policy_path, text_only_mismatch
 from .tasks import load_split
 
 __all__ = ["TrainError", "lr_factor", "train"]
@@ -133,11 +133,8 @@ def train(
     train_split = load_split(config.task, "train")
     eval_split = load_split(config.task, "eval")[: config.run.eval_prompts]
     policy = load_policy(resolve_policy_path(config.policy.model), config.policy.device, config.policy.dtype)
-    if policy.vision is None and any(p.images for p in (*train_split, *eval_split)):
-        raise TrainError(
-            f"task {config.task.name!r} asks about images and policy.model is a text-only model: "
-            "use a vision-language policy (Qwen2-VL, Qwen2.5-VL)"
-        )
+    if mismatch := text_only_mismatch(policy, config.task.name, [*train_split, *eval_split]):
+        raise TrainError(mismatch)
     reference = None
     if config.objective.kl_beta > 0:
         reference = copy.deepcopy(policy.model).eval().requires_grad_(False)

@@ -26,7 +26,7 @@ import random
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -275,7 +275,7 @@ def _dataset_chain(policy: Policy, problem: Problem, prompt: str) -> Rollout:
     """The worked solution as a completion in the think/answer format, every token forced."""
     completion = f"<think>\n{problem.solution.strip()}\n</think>\n<answer>{problem.references[0]}</answer>"
     ids = policy.tokenizer(completion, add_special_tokens=False)["input_ids"]
-    return Rollout(problem, prompt, policy.encode_prompt(prompt), ids, [], completion, False)
+    return replace(policy.start(problem, prompt, ids), completion=completion)
 
 
 def _item(rollout: Rollout) -> dict:
@@ -285,6 +285,7 @@ def _item(rollout: Rollout) -> dict:
         "completion": rollout.completion,
         "references": list(rollout.problem.references),
         "completion_token_ids": rollout.completion_ids,
+        **({"images": list(rollout.problem.images)} if rollout.problem.images else {}),
     }
 
 
@@ -334,7 +335,7 @@ def validate(config: TrainConfig, output_dir: str | Path, *, client=None, on_pro
     chains.html under `output_dir` and return the figures."""
     from stepcredit_client import Client, ClientConfig
 
-    from .rollout import load_policy, resolve_policy_path
+    from .rollout import load_policy, resolve_policy_path, text_only_mismatch
     from .tasks import load_problems
     from .train import _check_same_tokenizer
 
@@ -351,6 +352,14 @@ def validate(config: TrainConfig, output_dir: str | Path, *, client=None, on_pro
 
     policy_path = resolve_policy_path(config.policy.model)
     policy = load_policy(policy_path, config.policy.device, config.policy.dtype)
+    wanted = settings.problems
+    dataset = settings.chains == "dataset"
+    problems = load_problems(
+        config.task, settings.seed, wanted if dataset else wanted * settings.attempts,
+        settings.solution_field if dataset else None,
+    )  # fmt: skip
+    if mismatch := text_only_mismatch(policy, config.task.name, problems):
+        raise ValidateError(mismatch)
     own_client = client is None
     if client is None:
         api_key = os.environ.get(config.service.api_key_env) or None
@@ -360,12 +369,6 @@ def validate(config: TrainConfig, output_dir: str | Path, *, client=None, on_pro
         _check_same_tokenizer(policy, client)
         service_model = client.model().model_dump()
         options = {"format": "think_answer", "acc_weight": 1.0, "format_weight": config.objective.format_weight}
-        wanted = settings.problems
-        dataset = settings.chains == "dataset"
-        problems = load_problems(
-            config.task, settings.seed, wanted if dataset else wanted * settings.attempts,
-            settings.solution_field if dataset else None,
-        )
 
         # 1. chains, scored once (ℓ_k, h_k, g_k and the step boundaries)
         chains: list[tuple[Rollout, object]] = []
@@ -419,7 +422,7 @@ def validate(config: TrainConfig, output_dir: str | Path, *, client=None, on_pro
             data.append(chain)
             ids = rollout.completion_ids
             for k, end in enumerate(_boundaries(result)):
-                start = Rollout(rollout.problem, rollout.prompt, rollout.prompt_ids, ids[:end], [], "", False)
+                start = replace(rollout, prefix_ids=ids[:end], sampled_ids=[], completion="", truncated=False)
                 starts.extend((c, k, start) for _ in range(settings.samples))
         tally = {(c, k): [0, 0, 0, 0] for c, k, _ in starts}  # correct, verdicts, unverified, truncated
         errors = 0
