@@ -21,8 +21,9 @@ raise `ItemFailedError`.
 
 `client.reload(checkpoint_dir, revision="step-100")` makes the service score with
 the policy's new checkpoint; every later response's `model.revision` names it. A
-split batch whose requests straddled a reload raises `MixedRevisionsError` rather
-than claim one revision for all its items.
+split batch whose requests straddled a reload has the old revision's items scored
+again (`ClientConfig.mixed_revision_rescores`); one that still holds two revisions
+raises `MixedRevisionsError` rather than claim one revision for all its items.
 
 Exceptions:
 
@@ -40,8 +41,8 @@ Exceptions:
     ├── ResponseFormatError          a 2xx whose body is not the contract
     ├── IncompleteBatchError         some requests of a split batch failed;
     │                                .results has None for their items, .errors says why
-    ├── MixedRevisionsError          a split batch was scored by two model revisions (a reload);
-    │                                .results and .models (per item) say which
+    ├── MixedRevisionsError          a split batch still held two model revisions (reloads) after
+    │                                its re-scores; .results and .models (per item) say which
     ├── ItemFailedError              a reward was asked of a failed or missing result
     └── AlignmentError               steps cannot be placed on the policy's tokens
 

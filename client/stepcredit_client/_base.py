@@ -177,6 +177,29 @@ class BaseClient:
         return ScoreResponse(results=results, model=model, usage=usage)
 
     @staticmethod
+    def _stale(mixed: MixedRevisionsError, current: ModelInfo) -> list[int]:
+        """The items of a mixed batch not scored by the `current` revision."""
+        return [i for i, model in enumerate(mixed.models) if model.revision != current.revision]
+
+    @staticmethod
+    def _rescored(
+        mixed: MixedRevisionsError, stale: list[int], again: ScoreResponse | MixedRevisionsError
+    ) -> ScoreResponse:
+        """The batch with its `stale` items' results replaced by `again`'s; raises
+        MixedRevisionsError while it still holds two revisions. Usage counts both passes."""
+        results, models = list(mixed.results), list(mixed.models)
+        if isinstance(again, MixedRevisionsError):
+            fresh = list(zip(again.results, again.models))
+        else:
+            fresh = [(result, again.model) for result in again.results]
+        for i, (result, model) in zip(stale, fresh):
+            results[i], models[i] = result, model
+        usage = mixed.usage + again.usage
+        if len({m.revision for m in models}) > 1:
+            raise MixedRevisionsError(results, models, usage)
+        return ScoreResponse(results=results, model=models[stale[0]], usage=usage)
+
+    @staticmethod
     def _check_count(sent: int, response: ScoreResponse) -> ScoreResponse:
         if len(response.results) != sent:
             raise ResponseFormatError(f"sent {sent} items, got {len(response.results)} results")

@@ -12,8 +12,8 @@ import httpx
 
 from ._base import RELOAD_TIMEOUT, BaseClient, ItemLike
 from ._config import ClientConfig
-from ._exceptions import ServiceUnavailableError, StepCreditError
-from ._models import ItemOptions, ModelInfo, ReloadResponse, ScoreResponse
+from ._exceptions import MixedRevisionsError, ServiceUnavailableError, StepCreditError
+from ._models import ItemOptions, ModelInfo, ReloadResponse, ScoreItem, ScoreResponse
 
 __all__ = ["Client", "AsyncClient"]
 
@@ -82,11 +82,30 @@ class Client(BaseClient):
         More than `config.chunk_size` items (or `config.max_request_bytes` of them) are
         split into requests sent at most `config.max_concurrency` at a time. A failed item comes back with
         `status: "error"`; a failed request raises (see the exception tree), and
-        `IncompleteBatchError` carries the results that did arrive.
+        `IncompleteBatchError` carries the results that did arrive. A split batch that
+        straddled a reload has its other revision's items scored again
+        (`config.mixed_revision_rescores`), else raises `MixedRevisionsError`.
         """
         batch = self._items(items)
         if not batch:
             raise ValueError("nothing to score")
+        try:
+            return self._score_once(batch, options)
+        except MixedRevisionsError as exc:
+            mixed = exc
+        for _ in range(self.config.mixed_revision_rescores):
+            stale = self._stale(mixed, self.model())
+            try:
+                again: ScoreResponse | MixedRevisionsError = self._score_once([batch[i] for i in stale], options)
+            except MixedRevisionsError as exc:
+                again = exc
+            try:
+                return self._rescored(mixed, stale, again)
+            except MixedRevisionsError as exc:
+                mixed = exc
+        raise mixed
+
+    def _score_once(self, batch: list[ScoreItem], options: ItemOptions | Mapping | None) -> ScoreResponse:
         chunks = self._chunks(batch, options)
 
         def run(chunk: tuple[int, bytes, int]) -> ScoreResponse | StepCreditError:
@@ -201,6 +220,23 @@ class AsyncClient(BaseClient):
         batch = self._items(items)
         if not batch:
             raise ValueError("nothing to score")
+        try:
+            return await self._score_once(batch, options)
+        except MixedRevisionsError as exc:
+            mixed = exc
+        for _ in range(self.config.mixed_revision_rescores):
+            stale = self._stale(mixed, await self.model())
+            try:
+                again: ScoreResponse | MixedRevisionsError = await self._score_once([batch[i] for i in stale], options)
+            except MixedRevisionsError as exc:
+                again = exc
+            try:
+                return self._rescored(mixed, stale, again)
+            except MixedRevisionsError as exc:
+                mixed = exc
+        raise mixed
+
+    async def _score_once(self, batch: list[ScoreItem], options: ItemOptions | Mapping | None) -> ScoreResponse:
         gate = asyncio.Semaphore(self.config.max_concurrency)
 
         async def run(start: int, body: bytes, sent: int) -> tuple[int, ScoreResponse | StepCreditError]:

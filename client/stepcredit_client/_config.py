@@ -63,10 +63,17 @@ class ClientConfig:
     """Largest request body: a chunk is cut sooner when its items would pass it (images
     make items large). Keep it at or under the service's max_request_bytes (16 MiB by
     default), which answers a larger body with 413 for the whole request."""
+    mixed_revision_rescores: int = 1
+    """A split batch whose requests came back from two model revisions (the service
+    reloaded while they ran): the items not scored by the service's current revision
+    (GET /v1/model) are scored again, up to this many times, so the batch has one
+    revision; then MixedRevisionsError. 0 raises at once."""
 
     def __post_init__(self) -> None:
         if self.chunk_size < 1 or self.max_concurrency < 1:
             raise ValueError("chunk_size and max_concurrency must be at least 1")
+        if self.mixed_revision_rescores < 0:
+            raise ValueError("mixed_revision_rescores must be at least 0")
         if self.max_request_bytes < 1024:
             raise ValueError("max_request_bytes must be at least 1024")
         if not isinstance(self.timeout, httpx.Timeout):

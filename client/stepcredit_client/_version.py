@@ -1,2 +1,2 @@
-__version__ = "0.3.0"
+__version__ = "0.3.1"
 """Also in client/pyproject.toml; the User-Agent sends it."""

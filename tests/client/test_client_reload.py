@@ -123,25 +123,37 @@ async def test_async_reload_has_the_same_contract():
             await client.reload("/ckpt/step-2")
 
 
-def scored_by(revision_of):
-    """A service whose chunk starting with item id `i` was scored by `revision_of(i)`."""
+class Reloading:
+    """A service that reloads while a split batch runs: request n (0-based, in arrival
+    order) is scored by `revisions[n]` (the last one from then on), and GET /v1/model
+    answers the revision the next request would get."""
 
-    def handler(request):
+    def __init__(self, *revisions: str) -> None:
+        self.revisions, self.scored = list(revisions), []
+
+    def revision(self) -> str:
+        return self.revisions[min(len(self.scored), len(self.revisions) - 1)]
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "GET":
+            return httpx.Response(200, json={**MODEL, "revision": self.revision()})
         items = json.loads(request.content)["items"]
-        revision = revision_of(int(items[0]["id"]))
+        revision = self.revision()
+        self.scored.append([i["id"] for i in items])
         results = [{"id": i["id"], "status": "ok", "mig_reward": 0.5, "steps": []} for i in items]
         return httpx.Response(
             200, json={"results": results, "model": {**MODEL, "revision": revision}, "usage": {"items": len(items)}}
         )
 
-    return handler
+
+def six(rescores: int, service: Reloading) -> tuple[list[dict], Client]:
+    config = ClientConfig(chunk_size=2, max_concurrency=1, mixed_revision_rescores=rescores)
+    client = Client("http://svc", config=config, transport=httpx.MockTransport(service))
+    return [{**ITEM, "id": str(i)} for i in range(6)], client
 
 
 def test_a_split_batch_scored_by_two_revisions_does_not_claim_one():
-    items = [{**ITEM, "id": str(i)} for i in range(6)]
-    client = Client("http://svc", config=ClientConfig(chunk_size=2), transport=httpx.MockTransport(
-        scored_by(lambda first: "step-1" if first < 2 else "step-2")
-    ))  # fmt: skip
+    items, client = six(0, Reloading("step-1", "step-2"))
     with pytest.raises(MixedRevisionsError) as info:
         client.score(items)
     error = info.value
@@ -150,23 +162,54 @@ def test_a_split_batch_scored_by_two_revisions_does_not_claim_one():
     assert error.usage.items == 6
     assert "'step-1' for 2 items" in str(error) and "'step-2' for 4 items" in str(error)
 
-    same = Client("http://svc", config=ClientConfig(chunk_size=2), transport=httpx.MockTransport(
-        scored_by(lambda first: "step-2")
-    ))  # fmt: skip
+    items, same = six(0, Reloading("step-2"))
     assert same.score(items).model.revision == "step-2"
 
 
-async def test_the_async_client_merges_revisions_the_same_way():
-    items = [{**ITEM, "id": str(i)} for i in range(4)]
-    handler = scored_by(lambda first: "a" if first == 0 else "b")
+def test_the_items_of_the_old_revision_are_scored_again_by_the_current_one():
+    """Before: a reload between the requests of a TRL/slime/OpenRLHF batch raised in the
+    middle of a training step. Now only the old revision's items go again."""
+    service = Reloading("step-1", "step-2")
+    items, client = six(1, service)
+    response = client.score(items)
+    assert response.model.revision == "step-2"
+    assert [r.id for r in response.results] == [str(i) for i in range(6)]
+    assert service.scored == [["0", "1"], ["2", "3"], ["4", "5"], ["0", "1"]]
+    assert response.usage.items == 8  # the work done: both passes
 
-    async def async_handler(request):
-        return handler(request)
 
-    config = ClientConfig(chunk_size=2)
-    async with AsyncClient("http://svc", config=config, transport=httpx.MockTransport(async_handler)) as client:
+def test_a_batch_that_keeps_straddling_reloads_raises_after_its_rescores():
+    # A reload before every request: no pass ever comes back from one revision.
+    service = Reloading(*"abcdefghijkl")
+    items, client = six(2, service)
+    with pytest.raises(MixedRevisionsError) as info:
+        client.score(items)
+    # The batch (a, b, c), then all six again twice: the service was on d, then on g, each time.
+    assert len(service.scored) == 3 + 3 + 3
+    assert [m.revision for m in info.value.models] == ["g", "g", "h", "h", "i", "i"]
+    assert info.value.usage.items == 18
+
+
+async def test_the_async_client_rescores_the_same_way():
+    service = Reloading("a", "b")
+
+    async def handler(request):
+        return service(request)
+
+    config = ClientConfig(chunk_size=2, max_concurrency=1)  # the default: one re-score
+    async with AsyncClient("http://svc", config=config, transport=httpx.MockTransport(handler)) as client:
+        response = await client.score([{**ITEM, "id": str(i)} for i in range(4)])
+        assert response.model.revision == "b" and service.scored[-1] == ["0", "1"]
+    service = Reloading("a", "b")
+    async with AsyncClient("http://svc", config=ClientConfig(chunk_size=2, mixed_revision_rescores=0),
+                           transport=httpx.MockTransport(handler)) as client:  # fmt: skip
         with pytest.raises(MixedRevisionsError):
-            await client.score(items)
+            await client.score([{**ITEM, "id": str(i)} for i in range(4)])
+
+
+def test_a_negative_rescore_count_is_refused():
+    with pytest.raises(ValueError, match="mixed_revision_rescores"):
+        ClientConfig(mixed_revision_rescores=-1)
 
 
 def test_reload_types_mirror_the_service():
