@@ -158,10 +158,10 @@ async def _score_file(args: argparse.Namespace) -> int:
     return 0
 
 
-def _report_rows(path: Path, kind: str) -> list[tuple[int, object]]:
+def _report_rows(lines: list[tuple[int, str]], kind: str) -> list[tuple[int, object]]:
     """(line number, the line's JSON value, or the ValueError that says why it is not JSON)."""
     rows: list[tuple[int, object]] = []
-    for number, text in _jsonl_lines(path.read_bytes()):
+    for number, text in lines:
         try:
             rows.append((number, json.loads(text)))
         except ValueError as exc:
@@ -196,9 +196,9 @@ def _report(args: argparse.Namespace) -> int:
     """Write the step-credit page of ITEMS and RESULTS (paired by line); no model is loaded."""
     from stepcredit_client.report import MAX_ITEMS, write_report
 
-    try:
-        items = _report_rows(args.items, "ITEMS")
-        results = _report_rows(args.results, "RESULTS")
+    try:  # only the lines shown are parsed (a results file can be large)
+        items = _jsonl_lines(args.items.read_bytes())
+        results = _jsonl_lines(args.results.read_bytes())
     except (OSError, UnicodeDecodeError) as exc:
         print(f"stepcredit: cannot read the input: {exc}", file=sys.stderr)
         return 1
@@ -213,7 +213,8 @@ def _report(args: argparse.Namespace) -> int:
     if limit > MAX_ITEMS:
         print(f"stepcredit: {limit} items, a page holds at most {MAX_ITEMS}: pass --limit N", file=sys.stderr)
         return 2
-    pairs = [_report_pair(item, result) for item, result in zip(items[:limit], results[:limit])]
+    shown = zip(_report_rows(items[:limit], "ITEMS"), _report_rows(results[:limit], "RESULTS"))
+    pairs = [_report_pair(item, result) for item, result in shown]
     meta = {"items": args.items.name, "results": args.results.name}
     if limit < len(items):
         meta["shown"] = f"the first {limit} of {len(items)}"

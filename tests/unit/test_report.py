@@ -208,6 +208,19 @@ def test_cli_limit_takes_the_first_n_and_over_the_page_limit_asks_for_it(tmp_pat
     assert data["meta"]["shown"] == f"the first 3 of {n}"
 
 
+def test_cli_limit_parses_only_the_lines_it_shows(tmp_path, monkeypatch):
+    # Catches: every line of a large results file decoded to show its first few.
+    import stepcredit.cli as cli
+
+    items = write_jsonl(tmp_path / "items.jsonl", [item(id=str(i)) for i in range(200)])
+    results = write_jsonl(tmp_path / "results.jsonl", [ok_result(id=str(i)) for i in range(200)])
+    decoded = []
+    loads = cli.json.loads
+    monkeypatch.setattr(cli.json, "loads", lambda text, **kw: decoded.append(text) or loads(text, **kw))
+    assert main(["report", str(items), str(results), "-o", str(tmp_path / "r.html"), "--limit", "2"]) == 0
+    assert len(decoded) == 2 + 2
+
+
 def test_cli_report_loads_no_model(tmp_path):
     # Catches: `stepcredit report` importing torch or a backend (seconds, and GBs on a laptop
     # that only wants to look at a results file).
