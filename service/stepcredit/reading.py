@@ -63,6 +63,24 @@ _PLAIN_NUMBER = re.compile(
 )
 
 
+# Math-Verify strips a trailing unit from each formula (`40 km`, `5\text{ s}`), and its unit
+# list holds single letters (t, h, c, s, m, ...) and `ab`, `bc`: so `2t`, `x+2t`, `6bc`
+# and `2ab` read as 2, x+2, 6 and 2, and an answer that drops (or adds) the variable is
+# graded right. A variable is not a unit: those names are left in the formula. A unit in
+# \text{} (`5\text{ s}`) is still stripped (by its own rule), and so are the unit words.
+_NOT_UNITS = {"ab", "bc"}
+
+
+def _keep_variables() -> None:
+    from latex2sympy2_extended import math_normalization as mn
+
+    if getattr(mn, "_stepcredit_units", False):
+        return
+    kept = [u for u in mn.units if len(u.strip()) > 1 and u.strip() not in _NOT_UNITS]
+    mn.units_regex = re.compile(rf"(\d|\}}|\s)\s*(?:(?:{'|'.join(kept)})(?:s|es)?)\s*$")
+    mn._stepcredit_units = True
+
+
 @dataclass(frozen=True)
 class _Reading:
     parses: tuple[list, ...]
@@ -74,6 +92,7 @@ class _Reading:
 def _read(text: str, answer: bool = False) -> _Reading:
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
 
+    _keep_variables()
     # boxed_match_priority=0, as Math-Verify's tests parse: a \boxed{} holds the answer.
     # parsing_timeout=None: no signals in a worker; the pool enforces the timeout.
     config = [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]

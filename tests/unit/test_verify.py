@@ -187,6 +187,26 @@ async def test_non_equivalent_answers_are_wrong(pool, gold, answer):
     assert await pool.verify(answer, [gold]) == Verdict(False, None, False)
 
 
+# Math-Verify's unit list holds single letters and `ab`, `bc`: before, `2t` read as 2, so
+# an answer that dropped (or added) the variable was graded right.
+@pytest.mark.parametrize(
+    ("gold", "answer"),
+    [("2", r"\boxed{2t}"), ("2t", "2"), ("x+2t", "x+2"), ("6bc", "6"), ("2", "$2ab$"), ("7ab", "7"),
+     ("3", "3h"), ("2t", "2s"), (r"\frac{1}{2}h", r"\frac{1}{2}")],
+)  # fmt: skip
+async def test_a_variable_is_never_stripped_as_a_unit(pool, gold, answer):
+    assert await pool.verify(answer, [gold]) == Verdict(False, None, False)
+
+
+@pytest.mark.parametrize(
+    ("gold", "answer"),
+    [("2t", "2t"), ("2t", r"t \cdot 2"), ("x+2t", "2t+x"), ("6bc", "6cb"), ("10", r"10\text{ cm}"),
+     ("5", r"5\text{ s}"), ("40", "40 km"), ("5", "5 seconds"), ("3", r"\boxed{3 \text{ m}}")],
+)  # fmt: skip
+async def test_variables_compare_as_symbols_and_units_are_still_stripped(pool, gold, answer):
+    assert await pool.verify(answer, [gold]) == Verdict(True, 0, False)
+
+
 async def test_matched_reference_is_first_equivalent_index(pool):
     refs = ["7", r"\frac{1}{2}", "0.5", "x"]
     assert await pool.verify("1/2", refs) == Verdict(True, 1, False)
