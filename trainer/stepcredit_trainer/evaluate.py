@@ -47,12 +47,9 @@ def score_rollouts(client: Client, rollouts: Sequence[Rollout], options: dict) -
         for i, r in enumerate(rollouts)
     ]
     try:
-        try:
-            response = client.score(items, options)
-        except MixedRevisionsError:
-            # Someone reloaded the service mid-batch: rewards from two models' likelihoods
-            # are not comparable, so score the whole batch again under one revision.
-            response = client.score(items, options)
+        # Someone reloading the service mid-batch: the client scores the old revision's
+        # items again (rewards from two models' likelihoods are not one batch's).
+        response = client.score(items, options)
     except MixedRevisionsError as exc:
         return Scored([None] * len(items), sorted({m.revision or "" for m in exc.models}), f"MixedRevisionsError: {exc}")
     except IncompleteBatchError as exc:
