@@ -186,7 +186,7 @@ class BaseClient:
         mixed: MixedRevisionsError, stale: list[int], again: ScoreResponse | MixedRevisionsError
     ) -> ScoreResponse:
         """The batch with its `stale` items' results replaced by `again`'s; raises
-        MixedRevisionsError while it still holds two revisions. Usage counts both passes."""
+        MixedRevisionsError while it still holds two revisions."""
         results, models = list(mixed.results), list(mixed.models)
         if isinstance(again, MixedRevisionsError):
             fresh = list(zip(again.results, again.models))
@@ -194,16 +194,42 @@ class BaseClient:
             fresh = [(result, again.model) for result in again.results]
         for i, (result, model) in zip(stale, fresh):
             results[i], models[i] = result, model
-        usage = mixed.usage + again.usage
+        usage = _item_counts(results, mixed.usage + again.usage)
         if len({m.revision for m in models}) > 1:
             raise MixedRevisionsError(results, models, usage)
         return ScoreResponse(results=results, model=models[stale[0]], usage=usage)
+
+    @staticmethod
+    def _rescore_failed(mixed: MixedRevisionsError, stale: list[int], exc: StepCreditError) -> IncompleteBatchError:
+        """A re-score that failed: the batch as an IncompleteBatchError in the caller's
+        item order. The stale items keep no result of the old revision: each has the
+        new one that arrived, or None with its failure in `errors`."""
+        results: list[ScoreResult | None] = list(mixed.results)
+        for i in stale:
+            results[i] = None
+        usage = mixed.usage
+        if isinstance(exc, IncompleteBatchError):
+            for i, result in zip(stale, exc.results):
+                results[i] = result
+            errors = {stale[start]: error for start, error in exc.errors.items()}
+            usage = usage + exc.usage
+        else:
+            errors = {stale[0]: exc}
+        return IncompleteBatchError(results, errors, _item_counts(results, usage))
 
     @staticmethod
     def _check_count(sent: int, response: ScoreResponse) -> ScoreResponse:
         if len(response.results) != sent:
             raise ResponseFormatError(f"sent {sent} items, got {len(response.results)} results")
         return response
+
+
+def _item_counts(results: list[ScoreResult | None], usage: Usage) -> Usage:
+    """`usage` with its item counts those of `results` (one per result, however often its
+    item was scored); the work counters (probes, tokens, forward passes) keep every pass."""
+    ok = sum(r is not None and r.status == "ok" for r in results)
+    error = sum(r is not None and r.status != "ok" for r in results)
+    return usage.model_copy(update={"items": ok + error, "items_ok": ok, "items_error": error})
 
 
 def _retry_after(response: httpx.Response) -> float | None:

@@ -94,11 +94,17 @@ class Client(BaseClient):
         except MixedRevisionsError as exc:
             mixed = exc
         for _ in range(self.config.mixed_revision_rescores):
-            stale = self._stale(mixed, self.model())
+            try:
+                current = self.model()
+            except StepCreditError as exc:  # the batch is whole, and still mixed
+                raise mixed from exc
+            stale = self._stale(mixed, current)
             try:
                 again: ScoreResponse | MixedRevisionsError = self._score_once([batch[i] for i in stale], options)
             except MixedRevisionsError as exc:
                 again = exc
+            except StepCreditError as exc:
+                raise self._rescore_failed(mixed, stale, exc) from exc
             try:
                 return self._rescored(mixed, stale, again)
             except MixedRevisionsError as exc:
@@ -225,11 +231,17 @@ class AsyncClient(BaseClient):
         except MixedRevisionsError as exc:
             mixed = exc
         for _ in range(self.config.mixed_revision_rescores):
-            stale = self._stale(mixed, await self.model())
+            try:
+                current = await self.model()
+            except StepCreditError as exc:  # the batch is whole, and still mixed
+                raise mixed from exc
+            stale = self._stale(mixed, current)
             try:
                 again: ScoreResponse | MixedRevisionsError = await self._score_once([batch[i] for i in stale], options)
             except MixedRevisionsError as exc:
                 again = exc
+            except StepCreditError as exc:
+                raise self._rescore_failed(mixed, stale, exc) from exc
             try:
                 return self._rescored(mixed, stale, again)
             except MixedRevisionsError as exc:

@@ -1,2 +1,2 @@
-__version__ = "0.3.1"
+__version__ = "0.4.0"
 """Also in client/pyproject.toml; the User-Agent sends it."""

@@ -71,14 +71,26 @@ _PLAIN_NUMBER = re.compile(
 _NOT_UNITS = {"ab", "bc"}
 
 
-def _keep_variables() -> None:
+def keep_variables() -> None:
+    """Take the variable names out of Math-Verify's unit list, in this process. Raises
+    RuntimeError if latex2sympy2_extended no longer has the list this edits, or the edit
+    does not take: every answer would then be graded wrong without a word."""
     from latex2sympy2_extended import math_normalization as mn
 
-    if getattr(mn, "_stepcredit_units", False):
-        return
-    kept = [u for u in mn.units if len(u.strip()) > 1 and u.strip() not in _NOT_UNITS]
-    mn.units_regex = re.compile(rf"(\d|\}}|\s)\s*(?:(?:{'|'.join(kept)})(?:s|es)?)\s*$")
-    mn._stepcredit_units = True
+    original = getattr(mn, "_stepcredit_original_units_regex", None)
+    if original is not None and mn.units_regex is not original:
+        return  # done (an importlib.reload would have restored the original regex)
+    try:
+        units, before = list(mn.units), mn.units_regex
+        kept = [u for u in units if len(u.strip()) > 1 and u.strip() not in _NOT_UNITS]
+        patched = re.compile(rf"(\d|\}}|\s)\s*(?:(?:{'|'.join(kept)})(?:s|es)?)\s*$")
+        config = mn.NormalizationConfig(units=True)
+    except (AttributeError, TypeError) as exc:
+        raise RuntimeError(f"latex2sympy2_extended changed: cannot keep variables out of its unit list: {exc}") from exc
+    mn.units_regex = patched
+    mn._stepcredit_original_units_regex = before
+    if mn.normalize_latex("2t", config) != "2t" or mn.normalize_latex("40 km", config).strip() != "40":
+        raise RuntimeError("latex2sympy2_extended changed: its unit stripping no longer reads as this verifier expects")
 
 
 @dataclass(frozen=True)
@@ -91,8 +103,6 @@ class _Reading:
 
 def _read(text: str, answer: bool = False) -> _Reading:
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
-
-    _keep_variables()
     # boxed_match_priority=0, as Math-Verify's tests parse: a \boxed{} holds the answer.
     # parsing_timeout=None: no signals in a worker; the pool enforces the timeout.
     config = [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]
@@ -171,6 +181,7 @@ def _matches(gold: _Reading, target: _Reading) -> bool:
 
 
 def first_match(answer: str, references: Sequence[str]) -> int | None:
+    keep_variables()  # outside the try: a failure here is the job's error, not "wrong"
     try:
         target = _read(answer, answer=True)
     except MemoryError:

@@ -20,7 +20,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .reading import first_match
+from .reading import first_match, keep_variables
 from .workers import JobStopped, WorkerError, WorkerPool
 
 __all__ = ["Verdict", "VerifyError", "VerifierPool"]
@@ -47,6 +47,7 @@ def _warm() -> None:
 
     # We own the timeouts; Math-Verify would warn about that once per process.
     logging.getLogger("math_verify").setLevel(logging.ERROR)
+    keep_variables()  # a library it cannot edit fails the worker's start, loudly
 
 
 def _check(job: tuple[str, list[str]]) -> int | None:

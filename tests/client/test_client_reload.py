@@ -15,10 +15,12 @@ from stepcredit_client import (
     Client,
     ClientConfig,
     ConnectionFailed,
+    IncompleteBatchError,
     InvalidRequestError,
     MixedRevisionsError,
     ReloadResponse,
     Retry,
+    ServiceUnavailableError,
 )
 
 FAST = Retry(max_attempts=4, backoff_s=0.001, max_backoff_s=0.01)
@@ -128,8 +130,9 @@ class Reloading:
     order) is scored by `revisions[n]` (the last one from then on), and GET /v1/model
     answers the revision the next request would get."""
 
-    def __init__(self, *revisions: str) -> None:
-        self.revisions, self.scored = list(revisions), []
+    def __init__(self, *revisions: str, refuse: int | None = None) -> None:
+        self.revisions, self.scored, self.refuse = list(revisions), [], refuse
+        """Request number `refuse` is answered 400."""
 
     def revision(self) -> str:
         return self.revisions[min(len(self.scored), len(self.revisions) - 1)]
@@ -140,10 +143,11 @@ class Reloading:
         items = json.loads(request.content)["items"]
         revision = self.revision()
         self.scored.append([i["id"] for i in items])
+        if len(self.scored) - 1 == self.refuse:
+            return httpx.Response(400, json={"error": {"code": "invalid_request", "message": "refused"}})
         results = [{"id": i["id"], "status": "ok", "mig_reward": 0.5, "steps": []} for i in items]
-        return httpx.Response(
-            200, json={"results": results, "model": {**MODEL, "revision": revision}, "usage": {"items": len(items)}}
-        )
+        usage = {"items": len(items), "items_ok": len(items), "probes": 3 * len(items)}
+        return httpx.Response(200, json={"results": results, "model": {**MODEL, "revision": revision}, "usage": usage})
 
 
 def six(rescores: int, service: Reloading) -> tuple[list[dict], Client]:
@@ -175,7 +179,38 @@ def test_the_items_of_the_old_revision_are_scored_again_by_the_current_one():
     assert response.model.revision == "step-2"
     assert [r.id for r in response.results] == [str(i) for i in range(6)]
     assert service.scored == [["0", "1"], ["2", "3"], ["4", "5"], ["0", "1"]]
-    assert response.usage.items == 8  # the work done: both passes
+    # Items are counted once each; the work counters keep both passes.
+    assert (response.usage.items, response.usage.items_ok, response.usage.probes) == (6, 6, 3 * 8)
+
+
+def test_a_rescore_that_fails_leaves_the_stale_items_without_a_result_in_batch_order():
+    """Before: the re-score's IncompleteBatchError escaped with the re-scored subset's
+    results (2 for a batch of 8), which a trainer zips with its rollouts."""
+    service = Reloading("old", "old", "new", refuse=5)  # the re-score's second request fails
+    config = ClientConfig(chunk_size=2, max_concurrency=1)
+    client = Client("http://svc", config=config, transport=httpx.MockTransport(service))
+    with pytest.raises(IncompleteBatchError) as info:
+        client.score([{**ITEM, "id": str(i)} for i in range(8)])
+    error = info.value
+    assert service.scored[4:] == [["0", "1"], ["2", "3"]]  # after the batch's four requests
+    assert [r.id if r else None for r in error.results] == ["0", "1", None, None, "4", "5", "6", "7"]
+    assert list(error.errors) == [2] and "refused" in str(error.errors[2])
+    assert error.usage.items == 6
+
+
+def test_a_rescore_without_the_current_revision_raises_the_mixed_batch():
+    service = Reloading("a", "b")
+
+    def handler(request):
+        if request.method == "GET":
+            return httpx.Response(503, json={"error": {"code": "loading", "message": "no"}})
+        return service(request)
+
+    config = ClientConfig(chunk_size=2, retry=FAST)
+    client = Client("http://svc", config=config, transport=httpx.MockTransport(handler))
+    with pytest.raises(MixedRevisionsError) as info:
+        client.score([{**ITEM, "id": str(i)} for i in range(4)])
+    assert isinstance(info.value.__cause__, ServiceUnavailableError)
 
 
 def test_a_batch_that_keeps_straddling_reloads_raises_after_its_rescores():
@@ -187,7 +222,7 @@ def test_a_batch_that_keeps_straddling_reloads_raises_after_its_rescores():
     # The batch (a, b, c), then all six again twice: the service was on d, then on g, each time.
     assert len(service.scored) == 3 + 3 + 3
     assert [m.revision for m in info.value.models] == ["g", "g", "h", "h", "i", "i"]
-    assert info.value.usage.items == 18
+    assert (info.value.usage.items, info.value.usage.probes) == (6, 3 * 18)
 
 
 async def test_the_async_client_rescores_the_same_way():

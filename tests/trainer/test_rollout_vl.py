@@ -156,6 +156,17 @@ def test_vision_tokens_are_never_sampled_even_where_the_model_prefers_them(polic
         assert r.sampled_ids and not set(r.sampled_ids) & set(reserved), r.sampled_ids
 
 
+def test_a_vl_policy_whose_tokenizer_lacks_a_vision_token_is_refused(tiny_vl_path, tmp_path):
+    """The service refuses such a tokenizer; the policy would have sampled the missing token's text."""
+    import shutil
+
+    folder = shutil.copytree(tiny_vl_path, tmp_path / "no-video")
+    for path in folder.glob("*.json"):
+        path.write_text(path.read_text().replace("<|video_pad|>", "<|videopad|>"))
+    with pytest.raises(ValueError, match=r"lacks the vision tokens \['<\|video_pad\|>'\]"):
+        load_policy(folder)
+
+
 def test_a_text_only_policy_refuses_a_problem_with_images(tiny_model_path):
     with pytest.raises(ValueError, match="text-only model"):
         load_policy(tiny_model_path).render(PROBLEMS[0], "")

@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing as mp
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,21 @@ DATA = Path(__file__).parent / "data" / "math_verify_cases.json"
 MAX_ANSWER_CHARS = 1000  # VerifierPool's default
 SERVICE_KNOBS = {"match_types": ["latex", "expr"], "precision": 6, "strict": True, "allow_set_relation_comp": False}
 TOTAL_TIMEOUT_S = 600  # a hung case fails the test instead of hanging CI
+
+
+@contextmanager
+def _as_shipped():
+    """Math-Verify's own unit list while plain Math-Verify and the old reader judge: the
+    service's workers take variable names out of it (`reading.keep_variables`), and these
+    cases share a process with the service's reader."""
+    from latex2sympy2_extended import math_normalization as mn
+
+    ours, shipped = mn.units_regex, getattr(mn, "_stepcredit_original_units_regex", None)
+    mn.units_regex = shipped or ours
+    try:
+        yield
+    finally:
+        mn.units_regex = ours
 
 
 def _plain_math_verify(gold: str, pred: str, mv: dict) -> bool:
@@ -110,12 +126,13 @@ def _why_exempt(case: dict, answer: str | None) -> str | None:
 
 def _judge(case: dict) -> dict:
     logging.disable(logging.WARNING)  # Math-Verify logs every timeout it handles
-    plain = _plain_math_verify(case["gold"], case["pred"], case["mv"])
     answer = _service_answer(case["pred"])
     readable = not _wrong_unread(answer, MAX_ANSWER_CHARS)
     ours = readable and _first_match(answer, [case["gold"]]) is not None
-    before = readable and _todays_reader(case["gold"], answer)
-    exempt = _why_exempt(case, answer) if plain == case["expected"] != ours else None
+    with _as_shipped():
+        plain = _plain_math_verify(case["gold"], case["pred"], case["mv"])
+        before = readable and _todays_reader(case["gold"], answer)
+        exempt = _why_exempt(case, answer) if plain == case["expected"] != ours else None
     return {"id": case["id"], "plain": plain, "ours": ours, "before": before, "exempt": exempt, "answer": answer}
 
 

@@ -207,6 +207,18 @@ async def test_variables_compare_as_symbols_and_units_are_still_stripped(pool, g
     assert await pool.verify(answer, [gold]) == Verdict(True, 0, False)
 
 
+def test_a_library_whose_unit_list_changed_is_an_error_never_a_wrong_grade(monkeypatch):
+    """Before the check, an edit that no longer applied made every answer "wrong" in silence."""
+    from latex2sympy2_extended import math_normalization as mn
+
+    from stepcredit.reading import first_match
+
+    monkeypatch.setattr(mn, "_stepcredit_original_units_regex", None, raising=False)
+    monkeypatch.delattr(mn, "units")
+    with pytest.raises(RuntimeError, match="latex2sympy2_extended changed"):
+        first_match("2", ["2"])
+
+
 async def test_matched_reference_is_first_equivalent_index(pool):
     refs = ["7", r"\frac{1}{2}", "0.5", "x"]
     assert await pool.verify("1/2", refs) == Verdict(True, 1, False)

@@ -300,8 +300,10 @@ class Policy:
         """log π(token) of every completion column, [B, T]; grads flow when enabled.
 
         Logits are divided by the sampling temperature, as TRL does, so the
-        ratio compares the distribution the tokens were drawn from. A vision-language
-        policy needs the `rollouts` of these rows (their images)."""
+        ratio compares the distribution the tokens were drawn from (top-p, and for a
+        vision-language policy its suppressed vision tokens, aside: the full softmax is
+        what is trained). A vision-language policy needs the `rollouts` of these rows
+        (their images)."""
         length = completion_ids.shape[1]
         images: dict[str, torch.Tensor] = {}
         if self.vision is None:
@@ -353,7 +355,11 @@ def load_policy(path: Path, device: str = "cpu", dtype: str = "float32") -> Poli
         raise ValueError(
             f"policy.model: {path}: the tokenizer's {image_token} is not the model's image_token_id {image_token_id}"
         )
+    # The names the service's vision.py reserves; it refuses a tokenizer without them, so do we.
     vocab = tokenizer.get_vocab()
-    reserved = tuple(vocab[t] for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>") if t in vocab)
+    names = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+    if missing := [t for t in names if t not in vocab]:
+        raise ValueError(f"policy.model: {path}: the tokenizer lacks the vision tokens {missing}")
+    reserved = tuple(vocab[t] for t in names)
     vision = PolicyVision(processor, image_token, image_token_id, int(getattr(processor, "merge_size", 2)), reserved)
     return Policy(model, tokenizer, target, vision)
