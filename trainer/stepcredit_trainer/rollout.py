@@ -56,7 +56,7 @@ class PolicyVision:
     image_token: str
     image_token_id: int
     merge_size: int
-    reserved_ids: tuple[int, ...] = ()
+    reserved_ids: tuple[int, ...]
     """The vision tokens (image and video pads, vision start and end): never sampled, as
     the service refuses a completion that holds one and the model would read it as an image slot."""
 
@@ -70,6 +70,11 @@ class PolicyVision:
             grids.append(out["image_grid_thw"])
         return ImageInputs(torch.cat(pixels), torch.cat(grids).long())
 
+    def pads(self, grid: Sequence[int]) -> int:
+        """Pad tokens of one image of patch grid (temporal, height, width): one per merged patch."""
+        t, h, w = grid
+        return t * h * w // self.merge_size**2
+
     def expand(self, prompt: str, images: ImageInputs) -> str:
         """The prompt with each image's placeholder token repeated once per merged patch."""
         pieces = prompt.split(self.image_token)
@@ -79,7 +84,7 @@ class PolicyVision:
             )
         out = [pieces[0]]
         for grid, piece in zip(images.grid_thw.tolist(), pieces[1:]):
-            out += [self.image_token * (grid[0] * grid[1] * grid[2] // self.merge_size**2), piece]
+            out += [self.image_token * self.pads(grid), piece]
         return "".join(out)
 
 
@@ -231,7 +236,7 @@ class Policy:
             eos_token_id=self.tokenizer.eos_token_id,
             pad_token_id=self.pad_id,
             **self.image_inputs(starts, input_ids),
-            **({"suppress_tokens": list(self.vision.reserved_ids)} if self.vision and self.vision.reserved_ids else {}),
+            **({"suppress_tokens": list(self.vision.reserved_ids)} if self.vision else {}),
             **sampling,
         )
         rollouts = []
@@ -281,7 +286,7 @@ class Policy:
         for rollout, row in zip(rollouts, pads.sum(dim=1).tolist()):
             # A row's pads without its pixel values would read as plain tokens: a silent blind rollout.
             grids = rollout.images.grid_thw.tolist() if rollout.images is not None else []
-            wanted = sum(t * h * w // self.vision.merge_size**2 for t, h, w in grids)
+            wanted = sum(map(self.vision.pads, grids))
             if row != wanted:
                 raise ValueError(
                     f"problem {rollout.problem.id}: {row} image pad tokens in its ids for images of {wanted} "
