@@ -14,6 +14,7 @@ import pytest
 from stepcredit_trainer.scenes import make_scene
 
 from tests.e2e.processes import STEPCREDIT, serve
+from tests.unit.test_report import embedded
 
 
 def items() -> list[dict]:
@@ -69,6 +70,9 @@ def test_validate_continues_a_vl_policys_chains_from_every_prefix_with_their_ima
     assert all(len(i["images"]) == 1 and i["images"][0].startswith("data:image/png;base64,") for i in chain_items)
     page = (out / "chains.html").read_text()
     assert page.count("data:image/png;base64,") >= 2  # each chain's scene is drawn on its page
+    # Each card is titled by its result's id: the problem's id and its chain's V_k.
+    rows = embedded(page)["rows"]
+    assert all(" V = [" in r["result"]["id"] and r["result"]["id"] == r["item"]["id"] for r in rows), rows[0]["result"]["id"]
 
 
 def test_stepcredit_score_scores_an_image_item_from_a_file(tiny_vl_path, tmp_path):

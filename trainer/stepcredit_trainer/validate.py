@@ -684,9 +684,11 @@ def _chains_page(chains, data, figures, path: Path, limit: int) -> None:
     items, results = [], []
     for (rollout, result), chain in list(zip(chains, data))[:limit]:
         values = ", ".join("–" if v is None else f"{v:.2f}" for v in chain.values)
-        # The page shows each chain's Monte-Carlo values beside its id.
-        items.append({**_item(rollout), "id": f"{rollout.problem.id}  V = [{values}]"})
-        results.append(result.model_dump(mode="json"))
+        # The page shows each chain's Monte-Carlo values beside its id (the card is
+        # titled by the result's id: the service echoed the request's, an index).
+        label = f"{rollout.problem.id}  V = [{values}]"
+        items.append({**_item(rollout), "id": label})
+        results.append({**result.model_dump(mode="json"), "id": label})
     meta = {"scorer": figures["service_model"].get("name"), "revision": figures["service_model"].get("revision"),
             "chains": figures["chains"]}  # fmt: skip
     write_report(path, items, results, title="StepCredit: value-proxy chains", meta=meta)
